@@ -1,0 +1,145 @@
+"""Layer 3 — allocation: how much of each prunable leaf to remove.
+
+A sparsity can be given as
+  * a number (or a 0-d jax array, possibly traced): the same for every prunable leaf;
+  * a tree of numbers with the params' structure (entries of unpruned leaves are ignored),
+    e.g. from :func:`erk_sparsities`;
+  * a dict ``{regex: sparsity}``: the first pattern that ``re.fullmatch``-es a leaf's path wins;
+    leaves no pattern matches keep sparsity 0; a pattern matching no prunable leaf is an error;
+  * a callable ``(path, leaf) -> sparsity``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import _tree
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool)
+
+
+def is_scalar(x) -> bool:
+  """True for a Python/numpy number or a 0-d jax array (concrete or traced)."""
+  return _is_number(x) or (isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) == 0)
+
+
+def check_fraction(value, path: str, what: str = "sparsity"):
+  """Validates a concrete fraction in [0, 1]; traced values pass through (clipped later)."""
+  if _is_number(value) or (isinstance(value, np.ndarray) and value.ndim == 0):
+    v = float(value)
+    if not 0.0 <= v <= 1.0 or math.isnan(v):
+      raise ValueError(f"{what} {v} for leaf '{path}' is outside [0, 1].")
+    return v
+  if isinstance(value, jax.Array) and not _tree.is_traced(value):
+    v = float(value)
+    if not 0.0 <= v <= 1.0 or math.isnan(v):
+      raise ValueError(f"{what} {v} for leaf '{path}' is outside [0, 1].")
+    return value
+  if isinstance(value, jax.Array):
+    return value
+  raise ValueError(f"{what} for leaf '{path}' must be a number or a 0-d array, got "
+                   f"{type(value).__name__}.")
+
+
+def per_leaf_sparsities(sparsity, paths, leaves, treedef, chosen) -> list:
+  """Resolves any accepted sparsity spec to one value per leaf (None for unselected leaves)."""
+  if is_scalar(sparsity):
+    return [check_fraction(sparsity, p) if c else None for p, c in zip(paths, chosen)]
+  if callable(sparsity) and not isinstance(sparsity, Mapping):
+    return [check_fraction(sparsity(p, x), p) if c else None
+            for p, x, c in zip(paths, leaves, chosen)]
+  if jax.tree.structure(sparsity) == treedef:
+    values = jax.tree.leaves(sparsity)
+    return [check_fraction(v, p) if c else None for p, v, c in zip(paths, values, chosen)]
+  if isinstance(sparsity, Mapping) and all(isinstance(k, str) for k in sparsity):
+    patterns = [(re.compile(k), k, v) for k, v in sparsity.items()]
+    used = set()
+    out = []
+    for p, c in zip(paths, chosen):
+      value = None
+      if c:
+        value = 0.0
+        for rx, k, v in patterns:
+          if rx.fullmatch(p):
+            value, _ = check_fraction(v, p), used.add(k)
+            break
+      out.append(value)
+    unused = [k for _, k, _ in patterns if k not in used]
+    if unused:
+      raise ValueError(f"sparsity patterns {unused} match no prunable leaf (prunable paths: "
+                       f"{[p for p, c in zip(paths, chosen) if c][:8]}).")
+    return out
+  raise ValueError("sparsity must be a number, a 0-d array, a tree like params, a dict "
+                   f"{{regex: sparsity}} or a callable (path, leaf) -> sparsity; got "
+                   f"{type(sparsity).__name__} whose structure does not match the params.")
+
+
+def erk_sparsities(params, sparsity: float, *, where: _tree.Where | None = None,
+                   power_scale: float = 1.0):
+  """Erdős–Rényi-Kernel per-leaf sparsities whose parameter-weighted mean is ``sparsity``.
+
+  Each prunable leaf's density is proportional to ``(sum of its dims) / (product of its dims)``
+  (raised to ``power_scale``), so small layers stay denser. Leaves whose density would exceed 1
+  are kept dense and the scale is solved again over the rest, until every density is ≤ 1.
+
+  Args:
+    params: a pytree of arrays (only shapes are read; abstract arrays work).
+    sparsity: the overall fraction of prunable weights to remove, in [0, 1).
+    where: ``(path, leaf) -> bool`` choosing prunable leaves.
+    power_scale: exponent on the ERK ratio (1.0 is ERK; 0.0 is uniform).
+
+  Returns:
+    A tree like ``params`` of Python floats (0.0 on leaves that are not pruned).
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> params = {"a": jnp.zeros((100, 100)), "b": jnp.zeros((100, 10))}
+    >>> s = jp.erk_sparsities(params, 0.9)
+    >>> round((s["a"] * 10000 + s["b"] * 1000) / 11000, 6)
+    0.9
+
+  References:
+    Evci et al., "Rigging the Lottery: Making All Tickets Winners", ICML 2020 (ERK);
+    Mocanu et al., Nature Communications 2018 (Erdős–Rényi).
+  """
+  check_fraction(sparsity, "<all>")
+  paths, leaves, treedef, chosen = _tree.selected(params, where)
+  shapes = [tuple(x.shape) for x in leaves]
+  idx = [i for i, c in enumerate(chosen) if c]
+  sizes = {i: math.prod(shapes[i]) for i in idx}
+  raw = {i: (sum(shapes[i]) / sizes[i]) ** power_scale for i in idx}
+  total = sum(sizes.values())
+  dense: set[int] = set()
+  while True:
+    budget = (1.0 - sparsity) * total - sum(sizes[i] for i in dense)
+    denom = sum(raw[i] * sizes[i] for i in idx if i not in dense)
+    eps = budget / denom if denom > 0 else 0.0
+    over = {i for i in idx if i not in dense and eps * raw[i] > 1.0}
+    if not over:
+      break
+    dense |= over
+  out = []
+  for i, _ in enumerate(leaves):
+    if not chosen[i]:
+      out.append(0.0)
+    elif i in dense:
+      out.append(0.0)
+    else:
+      out.append(float(min(1.0, max(0.0, 1.0 - eps * raw[i]))))
+  return jax.tree.unflatten(treedef, out)
+
+
+def num_to_prune(sparsity, units: int):
+  """``round(sparsity · units)``: a Python int for Python numbers (exact, float64), an int32
+  array for jax arrays (computed in float32, clipped to [0, units])."""
+  if _is_number(sparsity) or isinstance(sparsity, np.ndarray):
+    return int(round(float(sparsity) * units))
+  s = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
+  return jnp.clip(jnp.round(s * units), 0, units).astype(jnp.int32)

@@ -1,0 +1,231 @@
+"""Layer 2 — structure: how scores become a keep/drop decision inside one leaf.
+
+A structure maps a leaf's element scores to *unit* scores (an element, a block, a whole output
+channel), says how many units a leaf has, and expands a decision on units back to a mask of the
+leaf's shape. Two structures also restrict *where* the count is taken: :func:`n_of_m` (every group
+of ``m`` consecutive weights keeps ``n``) and :func:`per_output` (every output unit loses the same
+number of inputs, as in Wanda).
+
+Structures are small frozen dataclasses: hashable, so they can be static arguments of ``jax.jit``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+
+def _norm_axis(axis: int, ndim: int, path: str, what: str) -> int:
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"{what} axis {axis} is out of range for leaf '{path}' with {ndim} "
+                     "dimensions.")
+  return axis % ndim
+
+
+@dataclasses.dataclass(frozen=True)
+class Unstructured:
+  """Every weight is its own unit."""
+
+  def validate(self, path: str, shape: tuple[int, ...]) -> None:
+    del path, shape
+
+  def num_units(self, shape):
+    return math.prod(shape)
+
+  def unit_scores(self, scores):
+    return scores
+
+  def expand(self, keep, shape):
+    del shape
+    return keep
+
+
+@dataclasses.dataclass(frozen=True)
+class Channels:
+  """Whole slices along ``axis`` (output neurons / channels) are units.
+
+  A channel's score is the ``reduce`` ("l2", "l1", "mean" or "max") of its element scores.
+  """
+  axis: int = -1
+  reduce: str = "l2"
+
+  def __post_init__(self):
+    if self.reduce not in ("l2", "l1", "mean", "max"):
+      raise ValueError(f"channels(reduce=...) must be 'l2', 'l1', 'mean' or 'max', got "
+                       f"{self.reduce!r}.")
+
+  def validate(self, path, shape):
+    _norm_axis(self.axis, len(shape), path, "channels()")
+
+  def num_units(self, shape):
+    return shape[self.axis % len(shape)]
+
+  def unit_scores(self, scores):
+    ax = self.axis % scores.ndim
+    others = tuple(i for i in range(scores.ndim) if i != ax)
+    s = scores.astype(jnp.float32)
+    if self.reduce == "l2":
+      return jnp.sqrt(jnp.sum(jnp.square(s), axis=others))
+    if self.reduce == "l1":
+      return jnp.sum(jnp.abs(s), axis=others)
+    if self.reduce == "mean":
+      return jnp.mean(s, axis=others)
+    return jnp.max(s, axis=others)
+
+  def expand(self, keep, shape):
+    ax = self.axis % len(shape)
+    bshape = tuple(n if i == ax else 1 for i, n in enumerate(shape))
+    return jnp.broadcast_to(keep.reshape(bshape), shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """Rectangular blocks over the last ``len(shape)`` axes are units (scored by their L2 norm)."""
+  shape: tuple[int, ...] = (4, 4)
+
+  def validate(self, path, shape):
+    b = self.shape
+    if len(shape) < len(b):
+      raise ValueError(f"blocks({b}) needs at least {len(b)} dimensions; leaf '{path}' has "
+                       f"shape {shape}.")
+    for n, k in zip(shape[-len(b):], b):
+      if k <= 0 or n % k:
+        raise ValueError(f"blocks({b}) does not tile leaf '{path}' of shape {shape}: each of "
+                         f"the last {len(b)} dimensions must be a multiple of the block size.")
+
+  def _split(self, shape):
+    lead, tail = shape[:-len(self.shape)], shape[-len(self.shape):]
+    split = sum(((n // k, k) for n, k in zip(tail, self.shape)), ())
+    return lead, split
+
+  def num_units(self, shape):
+    lead, _ = self._split(shape)
+    return math.prod(lead) * math.prod(n // k for n, k in zip(shape[-len(self.shape):],
+                                                               self.shape))
+
+  def unit_scores(self, scores):
+    lead, split = self._split(scores.shape)
+    s = scores.astype(jnp.float32).reshape(lead + split)
+    inner = tuple(len(lead) + 2 * i + 1 for i in range(len(self.shape)))
+    return jnp.sqrt(jnp.sum(jnp.square(s), axis=inner))
+
+  def expand(self, keep, shape):
+    lead, split = self._split(shape)
+    unit_shape = lead + tuple(split[0::2])
+    k = keep.reshape(lead + sum(((n, 1) for n in unit_shape[len(lead):]), ()))
+    return jnp.broadcast_to(k, lead + split).reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class NOfM:
+  """In every group of ``m`` consecutive weights along ``axis``, keep the ``n`` largest."""
+  n: int = 2
+  m: int = 4
+  axis: int = -2
+
+  def __post_init__(self):
+    if not (isinstance(self.n, int) and isinstance(self.m, int)) or not 0 <= self.n <= self.m \
+        or self.m < 1:
+      raise ValueError(f"n_of_m(n={self.n}, m={self.m}) needs integers with 0 <= n <= m, m >= 1.")
+
+  @property
+  def sparsity(self) -> float:
+    return 1.0 - self.n / self.m
+
+  def validate(self, path, shape):
+    ax = _norm_axis(self.axis, len(shape), path, f"n_of_m({self.n}, {self.m})")
+    if shape[ax] % self.m:
+      raise ValueError(f"n_of_m({self.n}, {self.m}) along axis {self.axis}: leaf '{path}' of "
+                       f"shape {shape} has length {shape[ax]} there, not a multiple of {self.m}.")
+
+  def num_units(self, shape):
+    return math.prod(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerOutput:
+  """Unstructured, but every slice along ``axis`` (every output unit) loses the same count."""
+  axis: int = -1
+
+  def validate(self, path, shape):
+    _norm_axis(self.axis, len(shape), path, "per_output()")
+
+  def num_units(self, shape):
+    return math.prod(shape) // shape[self.axis % len(shape)]
+
+
+Structure = Unstructured | Channels | Blocks | NOfM | PerOutput
+
+
+def unstructured() -> Unstructured:
+  """Each weight is pruned on its own.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> jp.topk_mask({"w": jnp.array([[3., 1.], [2., 4.]])}, 0.5, structure=jp.unstructured())["w"]
+    Array([[ True, False],
+           [False,  True]], dtype=bool)
+  """
+  return Unstructured()
+
+
+def n_of_m(n: int, m: int, axis: int = -2) -> NOfM:
+  """N:M semi-structured sparsity: in each group of ``m`` consecutive weights along ``axis``
+  (default ``-2``, the input axis of Flax ``Dense``/``Conv`` kernels, i.e. the contraction axis),
+  exactly ``n`` are kept. The sparsity is ``1 - n/m``; pass that (or 0 for no pruning).
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> w = jnp.array([[1.], [4.], [3.], [2.]])          # (in=4, out=1)
+    >>> jp.topk_mask({"w": w}, 0.5, structure=jp.n_of_m(2, 4))["w"][:, 0]
+    Array([False,  True,  True, False], dtype=bool)
+
+  References:
+    Mishra et al., "Accelerating Sparse Deep Neural Networks" (NVIDIA 2:4), arXiv 2021.
+  """
+  return NOfM(n, m, axis)
+
+
+def blocks(shape: tuple[int, ...] = (4, 4)) -> Blocks:
+  """Block sparsity: blocks of ``shape`` over the last axes are kept or dropped whole, ranked
+  by the L2 norm of their scores.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> w = jnp.array([[1., 1., 5., 5.], [1., 1., 5., 5.]])
+    >>> jp.topk_mask({"w": w}, 0.5, structure=jp.blocks((2, 2)))["w"][0]
+    Array([False, False,  True,  True], dtype=bool)
+  """
+  return Blocks(tuple(shape))
+
+
+def channels(axis: int = -1, reduce: str = "l2") -> Channels:
+  """Whole output channels / neurons (slices along ``axis``), ranked by the ``reduce`` ("l2"
+  by default) of their scores. Attention heads are channels of a kernel reshaped to
+  ``(d_model, heads, head_dim)`` with ``axis=-2``.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> w = jnp.array([[1., 9., 2.], [1., 9., 2.]])      # (in=2, out=3)
+    >>> jp.topk_mask({"w": w}, 1/3, structure=jp.channels())["w"][0]
+    Array([False,  True,  True], dtype=bool)
+
+  References:
+    Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017.
+  """
+  return Channels(axis, reduce)
+
+
+def per_output(axis: int = -1) -> PerOutput:
+  """Unstructured pruning in which every output unit (slice along ``axis``) loses exactly the
+  same number of weights: the comparison group of Wanda (Sun et al., 2023).
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune as jp
+    >>> w = jnp.array([[1., 8.], [2., 9.]])              # column 1 is larger overall
+    >>> jp.topk_mask({"w": w}, 0.5, structure=jp.per_output())["w"]
+    Array([[False, False],
+           [ True,  True]], dtype=bool)
+  """
+  return PerOutput(axis)

@@ -1,0 +1,37 @@
+"""Strict test settings shared by the whole suite (see STYLE.md, section 7).
+
+- rank promotion raises, so a silent broadcast of a mask against a leaf is a bug;
+- two CPU devices, so the default path already sees more than one device;
+- warnings are errors (pyproject's filterwarnings).
+
+Tests that need 8 devices run in a subprocess with XLA_FLAGS set (see ``run_with_devices``).
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_num_cpu_devices", 2)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_with_devices(code: str, num_devices: int = 8, timeout: int = 300) -> str:
+  """Runs ``code`` in a fresh Python with ``num_devices`` host CPU devices; returns stdout.
+
+  Fails the calling test with the child's stderr if the child exits non-zero.
+  """
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run(
+      [sys.executable, "-W", "error", "-c", textwrap.dedent(code)],
+      capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+  if proc.returncode != 0:
+    pytest.fail(f"subprocess failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+  return proc.stdout
