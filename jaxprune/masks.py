@@ -15,6 +15,7 @@ select on the flat index inside a ``lax.cond`` that only runs when ties straddle
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -36,108 +37,160 @@ def _key_bits(dtype) -> int:
   return 16 if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else 32
 
 
-def _to_keys(scores: jax.Array, bits: int) -> jax.Array:
-  """Order-preserving map from floats to unsigned ints; NaN -> 0 (the smallest)."""
-  if bits == 16 and _key_bits(scores.dtype) == 16:
-    x, udt = scores, jnp.uint16
-  else:
-    x, udt = scores.astype(jnp.float32), jnp.uint32
-    bits = 32
-  x = jnp.where(x == 0, jnp.zeros((), x.dtype), x)  # -0.0 -> +0.0
-  b = lax.bitcast_convert_type(x, udt)
+def _compare_dtype(arrays) -> tuple[jnp.dtype, int]:
+  """The float type scores are compared in, and the width of its order keys."""
+  dtypes = {jnp.dtype(a.dtype) for a in arrays}
+  if len(dtypes) == 1 and _key_bits(next(iter(dtypes))) == 16:
+    return next(iter(dtypes)), 16
+  return jnp.dtype(jnp.float32), 32
+
+
+def _key_constants(ftype, bits):
+  udt = jnp.uint16 if bits == 16 else jnp.uint32
   top = np.array(1 << (bits - 1), udt)
+  to_bits = lambda f: int(np.array(f, ftype).view(udt))
+  neg_inf = (~np.array(to_bits(-np.inf), udt)).astype(udt)   # key of -inf
+  pos_inf = np.array(to_bits(np.inf), udt) | top             # key of +inf
+  return udt, top, neg_inf, pos_inf
+
+
+def _to_keys(scores: jax.Array) -> jax.Array:
+  """Order-preserving map from floats to unsigned ints: NaN -> 0 (lowest), -0.0 == +0.0."""
+  ftype, bits = _compare_dtype([scores])
+  udt, top, _, _ = _key_constants(ftype, bits)
+  x = scores.astype(ftype)
+  x = jnp.where(x == 0, jnp.zeros((), ftype), x)
+  b = lax.bitcast_convert_type(x, udt)
   key = jnp.where(b >= top, ~b, b | top)
   return jnp.where(jnp.isnan(x), jnp.zeros((), udt), key)
 
 
-def _kth_key(keys: list[jax.Array], k: jax.Array, bits: int, group_axes=None) -> jax.Array:
-  """Radix select: the smallest ``T`` with ``count(key <= T) >= k`` (``k >= 1``).
+def _decode(key, ftype, bits):
+  """The float whose order key is ``key`` (inverse of the float -> key map)."""
+  udt, top, _, _ = _key_constants(ftype, bits)
+  raw = jnp.where(key >= top, key ^ top, ~key)
+  return lax.bitcast_convert_type(raw.astype(udt), ftype)
 
-  With ``group_axes=None`` the count runs over all elements of all ``keys``; otherwise ``keys``
-  holds one array and the count runs over ``group_axes`` separately for every group, ``T`` and
-  ``k`` then having the keep-dims shape of the groups.
+
+def _count_many(arrays, predicates, group_axes):
+  """For each predicate ``f_j``: how many elements have ``f_j(a)`` true (per group, or in all).
+
+  All predicates are counted in ONE variadic ``lax.reduce`` per array: one pass over memory, no
+  intermediate the size of the array.
   """
-  udt = keys[0].dtype
+  total = None
+  for a in arrays:
+    axes = tuple(range(a.ndim)) if group_axes is None else tuple(group_axes)
+    ops = tuple(f(a).astype(jnp.int32) for f in predicates)
+    zeros = tuple(np.int32(0) for _ in predicates)
+    counts = lax.reduce(ops, zeros, lambda u, v: tuple(x + y for x, y in zip(u, v)), axes)
+    if group_axes is not None:
+      kd = tuple(1 if i in axes else n for i, n in enumerate(a.shape))
+      counts = tuple(c.reshape(kd) for c in counts)
+    total = counts if total is None else tuple(x + y for x, y in zip(total, counts))
+  return jnp.stack(total, axis=-1)
+
+
+def _count_below(arrays, thresholds, group_axes):
+  """For each threshold ``t_j``: how many elements are ``< t_j``, in one pass."""
+  return _count_many(arrays, [lambda a, t=t: a < t for t in thresholds], group_axes)
+
+
+def _radix_select(count_below, k, bits, udt, prefix_shape):
+  """The smallest key ``T`` with ``count(key <= T) >= k`` (``k >= 1``), built 4 bits a pass.
+
+  ``count_below(cands)`` returns, for a list of candidate keys, the counts of keys below each,
+  stacked on a last axis. The passes run in a ``fori_loop``: its body is compiled once
+  (unrolling made compiles 5-10x slower). XLA copies the loop's read-only inputs into the loop
+  state, so the scores are held once more, leaf by leaf; no buffer spans several leaves.
+  """
   fan = 1 << _RADIX_BITS
-  if group_axes is None:
-    prefix = jnp.zeros((), udt)
-  else:
-    prefix = jnp.zeros(tuple(1 if i in group_axes else n
-                             for i, n in enumerate(keys[0].shape)), udt)
   k = jnp.asarray(k, jnp.int32)
   k_col = k.reshape(k.shape + (1,))
-  for shift in range(bits - _RADIX_BITS, -1, -_RADIX_BITS):
-    steps = (np.arange(fan, dtype=np.uint64) << shift).astype(udt)
-    cand = prefix.reshape(prefix.shape + (1,)) + steps.reshape((1,) * prefix.ndim + (fan,))
-    if group_axes is None:
-      counts = sum(
-          jnp.sum(key.reshape(key.shape + (1,)) < cand.reshape((1,) * key.ndim + (fan,)),
-                  axis=tuple(range(key.ndim)), dtype=jnp.int32) for key in keys)
-    else:
-      key = keys[0]
-      counts = jnp.sum(key.reshape(key.shape + (1,)) < cand, axis=group_axes, keepdims=True,
-                       dtype=jnp.int32)
+
+  def one_pass(i, prefix):
+    shift = np.array(bits - _RADIX_BITS, udt) - (i * _RADIX_BITS).astype(udt)
+    cands = [prefix + (np.array(j, udt) << shift) for j in range(fan)]
+    counts = count_below(cands)
     digit = jnp.maximum(jnp.sum(counts < k_col, axis=-1, dtype=jnp.int32) - 1, 0)
-    prefix = prefix + (digit.astype(udt) << np.array(shift, udt))
-  return prefix
+    return prefix + (digit.astype(udt) << shift)
+
+  return lax.fori_loop(0, bits // _RADIX_BITS, one_pass, jnp.zeros(prefix_shape, udt))
 
 
-def _flat_index(shape, bits: int) -> jax.Array:
-  udt = jnp.uint32 if bits == 32 else jnp.uint16
-  idx = jnp.zeros(shape, udt)
-  stride = 1
-  for d in reversed(range(len(shape))):
-    idx = idx + lax.broadcasted_iota(udt, shape, d) * np.array(stride, udt)
-    stride *= shape[d]
-  return idx
-
-
-def _index_bits(n: int) -> int:
-  """Bits (a multiple of the radix) that hold indices 0..n-1 plus a larger sentinel."""
-  need = max(1, math.ceil(math.log2(n + 1)))
-  return min(32, _RADIX_BITS * math.ceil(need / _RADIX_BITS))
-
-
-def _count(x, group_axes):
+def _group_shape(arrays, group_axes):
   if group_axes is None:
-    return jnp.sum(x, dtype=jnp.int32)
-  return jnp.sum(x, axis=group_axes, keepdims=True, dtype=jnp.int32)
+    return ()
+  return tuple(1 if i in group_axes else n for i, n in enumerate(arrays[0].shape))
 
 
-def _lowest(keys: list[jax.Array], k, bits: int, group_axes=None) -> list[jax.Array]:
-  """Bool arrays marking exactly the ``k`` lowest keys (overall or per group), ties by index."""
+def _tie_rank(at: jax.Array, axes) -> jax.Array:
+  """How many ``True`` entries of ``at`` come before each entry in row-major order over
+  ``axes`` (the other axes index independent groups). Built from per-axis exclusive cumsums,
+  so the leaf is never flattened (sharded axes stay as they are)."""
+  axes = sorted(axes)
+  at = at.astype(jnp.int32)
+  rank = jnp.zeros(at.shape, jnp.int32)
+  for n, d in enumerate(axes):
+    later = tuple(axes[n + 1:])
+    block = jnp.sum(at, axis=later, keepdims=True) if later else at
+    rank = rank + (jnp.cumsum(block, axis=d) - block)
+  return rank
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _lowest(arrays: list[jax.Array], k, group_axes=None) -> list[jax.Array]:
+  """Bool arrays marking exactly the ``k`` lowest scores (overall, or per group along
+  ``group_axes`` of a single array). NaN is lowest; ties go by leaf order, then row-major index.
+  """
+  ftype, bits = _compare_dtype(arrays)
+  udt, _, neg_inf_key, pos_inf_key = _key_constants(ftype, bits)
+  arrays = [a.astype(ftype) for a in arrays]
+  gshape = _group_shape(arrays, group_axes)
+  n_nan = _count_many(arrays, [jnp.isnan], group_axes)[..., 0]
+  n_all = sum(a.size for a in arrays) if group_axes is None else math.prod(
+      arrays[0].shape[i] for i in group_axes)
+
+  def count_below(cands):
+    below = _count_below(arrays, [_decode(c, ftype, bits) for c in cands], group_axes)
+    c = jnp.stack(cands, axis=-1)
+    nan_col = n_nan.reshape(n_nan.shape + (1,))
+    return jnp.where(c == 0, 0, jnp.where(c <= neg_inf_key, nan_col,
+                                          jnp.where(c > pos_inf_key, n_all, nan_col + below)))
+
   k = jnp.asarray(k, jnp.int32)
-  thresh = _kth_key(keys, jnp.maximum(k, 1), bits, group_axes)
-  below = [key < thresh for key in keys]
-  at = [key == thresh for key in keys]
-  n_below = sum(_count(b, group_axes) for b in below)
-  n_at = sum(_count(a, group_axes) for a in at)
+  thresh = _radix_select(count_below, jnp.maximum(k, 1), bits, udt, gshape)
+  t = _decode(thresh, ftype, bits)
+  nan_thresh = thresh == 0
+  below_of = lambda a: (jnp.isnan(a) & ~nan_thresh) | (a < t)
+  at_of = lambda a: jnp.where(nan_thresh, jnp.isnan(a), a == t)
+  counts = _count_many(arrays, [below_of, at_of], group_axes)
+  n_below, n_at = counts[..., 0], counts[..., 1]
   ties_to_take = k - n_below  # in [0, n_at]
 
-  def take_all_ties(below, at, ties_to_take):
-    del ties_to_take
-    return [b | a for b, a in zip(below, at)]
+  # Both branches recompute from the scores, so no array-sized intermediate outlives a pass.
+  def take_all_ties(arrays):
+    return [below_of(a) | at_of(a) for a in arrays]
 
-  def take_ties_by_index(below, at, ties_to_take):
+  def take_ties_by_index(arrays):
+    # Only leaves whose ties are split by the threshold need an index rank; there is at most
+    # one such leaf in global scope. Each leaf's rank is built inside its own cond.
     out, before = [], jnp.zeros((), jnp.int32)
-    for b, a in zip(below, at):
+    for a in arrays:
+      at = at_of(a)
+      n_here = _count_many([a], [at_of], group_axes)[..., 0]
+      take = jnp.clip(ties_to_take - before, 0, n_here)
       if group_axes is None:
-        n_here = jnp.sum(a, dtype=jnp.int32)
-        r = jnp.clip(ties_to_take - before, 0, n_here)
         before = before + n_here
-      else:
-        r = ties_to_take
-      ibits = _index_bits(a.size)
-      udt = jnp.uint32 if ibits > 16 else jnp.uint16
-      idx = _flat_index(a.shape, 32 if ibits > 16 else 16)
-      sentinel = np.array((1 << ibits) - 1, udt)
-      ikey = jnp.where(a, idx, sentinel)
-      last = _kth_key([ikey], jnp.maximum(r, 1), ibits, group_axes)
-      out.append(b | (a & (idx <= last) & (r > 0)))
+      split = jnp.any((take > 0) & (take < n_here))
+      rank_axes = range(a.ndim) if group_axes is None else group_axes
+      by_rank = lambda a, take, rank_axes=rank_axes: below_of(a) | (
+          at_of(a) & (_tie_rank(at_of(a), rank_axes) < take))
+      whole = lambda a, take: below_of(a) | (at_of(a) & (take > 0))
+      out.append(lax.cond(split, by_rank, whole, a, take))
     return out
 
-  return lax.cond(jnp.all(ties_to_take == n_at), take_all_ties, take_ties_by_index,
-                  below, at, ties_to_take)
+  return lax.cond(jnp.all(ties_to_take == n_at), take_all_ties, take_ties_by_index, arrays)
 
 
 def lowest_k(scores: jax.Array, k) -> jax.Array:
@@ -152,9 +205,7 @@ def lowest_k(scores: jax.Array, k) -> jax.Array:
     >>> jp.lowest_k(jnp.array([3., 1., 1., 2.]), 2)
     Array([False,  True,  True, False], dtype=bool)
   """
-  scores = jnp.asarray(scores)
-  bits = _key_bits(scores.dtype)
-  return _lowest([_to_keys(scores, bits)], k, bits)[0]
+  return _lowest([jnp.asarray(scores)], k)[0]
 
 
 # ----------------------------------------------------------------------------- N:M
@@ -162,8 +213,7 @@ def lowest_k(scores: jax.Array, k) -> jax.Array:
 def _n_of_m_keep(scores: jax.Array, st: structure_lib.NOfM) -> jax.Array:
   shape = scores.shape
   ax = st.axis % len(shape)
-  bits = _key_bits(scores.dtype)
-  keys = _to_keys(scores, bits).reshape(shape[:ax] + (shape[ax] // st.m, st.m) + shape[ax + 1:])
+  keys = _to_keys(scores).reshape(shape[:ax] + (shape[ax] // st.m, st.m) + shape[ax + 1:])
   e_ax = ax + 1
   mine = jnp.expand_dims(keys, e_ax + 1)    # element e along e_ax
   other = jnp.expand_dims(keys, e_ax)       # element f along e_ax + 1
@@ -197,16 +247,14 @@ def _keep_leaf(path, scores, s, st):
     ax = st.axis % scores.ndim
     group_axes = tuple(i for i in range(scores.ndim) if i != ax)
     k = allocation.num_to_prune(s, st.num_units(scores.shape))
-    bits = _key_bits(scores.dtype)
-    return ~_lowest([_to_keys(scores, bits)], k, bits, group_axes)[0]
+    return ~_lowest([scores], k, group_axes)[0]
   units = st.unit_scores(scores)
   k = allocation.num_to_prune(s, units.size)
   if isinstance(k, int) and k == 0:
     return jnp.ones_like(scores, dtype=bool)
   if isinstance(k, int) and k == units.size:
     return jnp.zeros_like(scores, dtype=bool)
-  bits = _key_bits(units.dtype)
-  return st.expand(~_lowest([_to_keys(units, bits)], k, bits)[0], scores.shape)
+  return st.expand(~_lowest([units], k)[0], scores.shape)
 
 
 def _global_keep(paths, leaves, chosen, s, st):
@@ -219,9 +267,7 @@ def _global_keep(paths, leaves, chosen, s, st):
   if total > _MAX_UNITS:
     raise ValueError(f"scope='global' counts with int32; {total} prunable units exceed 2**31-1.")
   k = allocation.num_to_prune(s, total)
-  bits = min(_key_bits(u.dtype) for u in units) if all(
-      _key_bits(u.dtype) == 16 for u in units) else 32
-  pruned = _lowest([_to_keys(u, bits) for u in units], k, bits)
+  pruned = _lowest(units, k)
   return {i: st.expand(~p, leaves[i].shape) for i, p in zip(idx, pruned)}
 
 

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxprune import _tree
+
 
 def fmt(x, digits: int = 4) -> str:
   """Formats a table cell: ``-`` for None, ints as ints, floats with ``digits`` decimals."""
@@ -37,8 +39,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def as_int_vector(x, name: str) -> np.ndarray | None:
   """Checks that a concrete ``x`` is a 1-D integer array; returns it as numpy (None if traced)."""
-  import jax  # local: keeps this helper importable without touching jax state
-  if isinstance(x, jax.core.Tracer):
+  if _tree.is_traced(x):
     return None
   arr = np.asarray(x)
   if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):

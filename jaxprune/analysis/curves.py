@@ -34,7 +34,7 @@ class SparsityCurves(NamedTuple):
     rows = [[method, _format.fmt(float(s)), _format.fmt(int(n)), _format.fmt(float(m)),
              _format.fmt(float(sd))]
             for method, c in self.curves.items()
-            for s, m, sd, n in zip(c.sparsity, c.mean, c.std, c.num_seeds)]
+            for s, m, sd, n in zip(c.sparsity, c.mean, c.std, c.num_seeds, strict=True)]
     return _format.markdown_table(
         ["method", "sparsity", "seeds", f"mean {self.metric}", "std"], rows)
 

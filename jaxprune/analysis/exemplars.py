@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import _tree
 from jaxprune.analysis import _format
 
 
@@ -74,7 +75,7 @@ def modal_prediction(preds, num_classes: int) -> jax.Array:
 
 
 def _check_population(preds, name: str) -> np.ndarray | None:
-  if isinstance(preds, jax.core.Tracer):
+  if _tree.is_traced(preds):
     return None
   arr = np.asarray(preds)
   if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer) or arr.shape[0] == 0:
@@ -137,7 +138,7 @@ def pruning_identified_exemplars(dense_preds, pruned_preds, labels=None, *,
     if any(a is None for a in arrays):
       raise ValueError("`num_classes` must be given when the inputs are traced (under jax.jit).")
     num_classes = max(int(np.max(a, initial=-1)) for a in arrays) + 1
-  for arr, name in zip(arrays, ("dense_preds", "pruned_preds", "labels")):
+  for arr, name in zip(arrays, ("dense_preds", "pruned_preds", "labels"), strict=False):
     _format.check_range(arr, num_classes, name)
 
   dense_modal = modal_prediction(dense_preds, num_classes)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprune import _tree
 from jaxprune.analysis import _format
 
 
@@ -148,7 +149,7 @@ def _num_ids(arrays, given: int | None, name: str) -> int:
   """``given`` or ``max(arrays) + 1`` (needs concrete arrays)."""
   if given is not None:
     return int(given)
-  if any(isinstance(a, jax.core.Tracer) for a in arrays):
+  if any(_tree.is_traced(a) for a in arrays):
     raise ValueError(f"`{name}` must be given when the inputs are traced (under jax.jit).")
   return int(max(int(np.max(np.asarray(a), initial=-1)) for a in arrays)) + 1
 
@@ -184,9 +185,10 @@ def per_group_metrics(logits_or_preds, labels, groups=None, *, num_groups: int |
   Examples:
     >>> import jax.numpy as jnp
     >>> from jaxprune.analysis import per_group_metrics
-    >>> m = per_group_metrics(jnp.array([0, 1, 1, 1]), jnp.array([0, 0, 1, 1]))
-    >>> m.accuracy.tolist(), m.precision.tolist()
-    ([0.5, 1.0], [1.0, 0.6666666865348145])
+    >>> preds, labels = jnp.array([0, 1, 1, 1, 1, 0]), jnp.array([0, 0, 1, 1, 1, 1])
+    >>> m = per_group_metrics(preds, labels)
+    >>> m.count.tolist(), m.recall.tolist(), m.precision.tolist()
+    ([2, 4], [0.5, 0.75], [0.5, 0.75])
 
   References:
     Tran, Fioretto, Kim and Naidu, "Pruning has a disparate impact on model accuracy",
@@ -200,13 +202,18 @@ def per_group_metrics(logits_or_preds, labels, groups=None, *, num_groups: int |
                      f"{preds.shape[0]} examples.")
   if logits is not None:
     num_classes = logits.shape[-1]
-  elif groups is None and num_groups is not None:
-    num_classes = num_groups if num_classes is None else num_classes
-  num_classes = _num_ids([labels, preds], num_classes, "num_classes")
-  _format.check_range(labels_np, num_classes, "labels")
-  if logits is None:
-    _format.check_range(_format.as_int_vector(preds, "logits_or_preds"), num_classes,
-                        "logits_or_preds")
+  elif num_classes is None and groups is None:
+    num_classes = num_groups
+  if num_classes is None and not (_tree.is_traced(labels) or _tree.is_traced(preds)):
+    num_classes = _num_ids([labels, preds], None, "num_classes")
+  if num_classes is None and groups is None:
+    raise ValueError("`num_groups` (or `num_classes`) must be given when the inputs are traced "
+                     "(under jax.jit).")
+  if num_classes is not None:   # not needed for user groups under jit: only range checks use it
+    _format.check_range(labels_np, num_classes, "labels")
+    if logits is None:
+      _format.check_range(_format.as_int_vector(preds, "logits_or_preds"), num_classes,
+                          "logits_or_preds")
 
   if groups is None:
     if num_groups is not None and int(num_groups) != num_classes:

@@ -46,7 +46,7 @@ def mask_overlap(masks_a, masks_b) -> dict[str, float]:
   paths, leaves_a, _ = _tree.flatten(masks_a)
   _, leaves_b, _ = _tree.flatten(masks_b)
   out = {}
-  for path, a, b in zip(paths, leaves_a, leaves_b):
+  for path, a, b in zip(paths, leaves_a, leaves_b, strict=True):
     if np.ndim(a) == 0 and np.ndim(b) == 0:
       continue
     shape_a, shape_b = np.shape(a), np.shape(b)

@@ -1,0 +1,275 @@
+"""Layer 6 — sparse training that changes its connectivity: SET and RigL.
+
+Both keep every prunable leaf at exactly its target sparsity from the first step to the last,
+and every ``update_every`` steps (until ``end_step``) move some connections: they drop the
+``k`` active weights of smallest magnitude and grow ``k`` others, ``k = ⌊f(t) · n_active⌋``
+with the cosine-decayed drop fraction ``f(t) = α/2 · (1 + cos(π t / end_step))``.
+SET grows at random; RigL grows where the dense gradient is largest.
+
+They wrap the optimizer (``inner_tx``, any optax transformation: adam, lion, adafactor, an
+``inject_hyperparams``-wrapped one...), because RigL needs the raw dense gradient and because
+a grown connection must start from a fresh optimizer state: its entries in every part of the
+inner state shaped like the params (moments, traces, accumulators) are reset to 0, found
+generically with ``optax.tree.map_params``. Grown weights start at 0 and the inner optimizer only
+sees the gradients of active weights.
+
+The initial connectivity is random with exactly the target sparsity per leaf (ERK by default).
+The first update zeroes the inactive weights; to start from the sparse point, apply the masks
+to the params after ``init``: ``params = jp.apply_masks(params, jp.masks_from_state(state))``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jaxprune import _tree, allocation
+from jaxprune.allocation import erk_sparsities
+from jaxprune.masks import lowest_k, topk_mask
+from jaxprune.scores import random_scores
+from jaxprune.transforms import as_key, enforce, is_placeholder, mask_grads, selection
+
+__all__ = ["SparseTrainingState", "rigl", "set_training", "cosine_drop_fraction",
+           "reset_inner_state"]
+
+
+class SparseTrainingState(NamedTuple):
+  """State of :func:`rigl` and :func:`set_training`."""
+  count: jax.Array             # int32 scalar: updates seen so far.
+  masks: optax.Params          # bool keep-masks shaped like the params (scalar True if unpruned).
+  inner_state: optax.OptState  # the wrapped optimizer's state.
+
+
+def cosine_drop_fraction(drop_fraction, end_step) -> optax.Schedule:
+  """``α/2 · (1 + cos(π t / end_step))`` for ``t < end_step``, then 0 (RigL's decay).
+
+  Examples:
+    >>> import jaxprune as jp
+    >>> f = jp.cosine_drop_fraction(0.3, end_step=100)
+    >>> [round(float(f(t)), 4) for t in (0, 50, 100)]
+    [0.3, 0.15, 0.0]
+  """
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    end = jnp.asarray(end_step, jnp.float32)
+    f = 0.5 * jnp.asarray(drop_fraction, jnp.float32) * (1.0 + jnp.cos(jnp.pi * t / end))
+    return jnp.where(t < end, f, 0.0)
+  return schedule
+
+
+def _is_masked_node(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def reset_inner_state(inner_tx: optax.GradientTransformation, inner_state, reset):
+  """Zeroes, in every part of ``inner_state`` shaped like the params, the entries ``reset`` marks.
+
+  Which parts of the state are "like the params" is found generically with
+  ``optax.tree.map_params`` (it inits ``inner_tx`` with a placeholder), never by knowing the
+  optimizer's state classes; leaves whose shape differs from the param's (e.g. Adafactor's
+  factored row/column statistics) are left unchanged.
+
+  Args:
+    inner_tx: the optimizer whose state this is.
+    inner_state: its state.
+    reset: a bool tree like the params (scalar False for leaves with nothing to reset).
+
+  Returns:
+    ``inner_state`` with the marked entries set to 0.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, jaxprune as jp
+    >>> tx = optax.sgd(0.1, momentum=0.9)
+    >>> state = tx.init({"w": jnp.ones(3)})
+    >>> state = (optax.TraceState(trace={"w": jnp.ones(3)}),) + state[1:]
+    >>> new = jp.reset_inner_state(tx, state, {"w": jnp.array([True, False, False])})
+    >>> new[0].trace["w"]
+    Array([0., 1., 1.], dtype=float32)
+  """
+  def zero(s, r):
+    if not hasattr(s, "shape") or np.ndim(r) == 0 or np.shape(s) != np.shape(r):
+      return s
+    return jnp.where(r, jnp.zeros((), s.dtype), s)
+
+  return optax.tree.map_params(inner_tx, zero, inner_state, reset, is_leaf=_is_masked_node)
+
+
+def _check(sparsity, update_every, end_step, drop_fraction, distribution):
+  if not allocation.is_scalar(sparsity):
+    raise ValueError(f"sparsity must be a number in [0, 1), got {type(sparsity).__name__}.")
+  if not _tree.is_traced(sparsity) and not 0.0 <= float(sparsity) < 1.0:
+    raise ValueError(f"sparsity must be in [0, 1), got {float(sparsity)}.")
+  for name, v in (("update_every", update_every), ("end_step", end_step)):
+    if isinstance(v, bool) or (isinstance(v, (int, np.integer)) and v < 1):
+      raise ValueError(f"{name} must be an int >= 1, got {v!r}.")
+  if allocation.is_scalar(drop_fraction) and not _tree.is_traced(drop_fraction):
+    if not 0.0 <= float(drop_fraction) <= 1.0:
+      raise ValueError(f"drop_fraction must be in [0, 1], got {float(drop_fraction)}.")
+  if distribution not in ("erk", "uniform"):
+    raise ValueError(f"distribution must be 'erk' or 'uniform', got {distribution!r}.")
+
+
+def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop_fraction,
+                     distribution, where, key) -> optax.GradientTransformationExtraArgs:
+  _check(sparsity, update_every, end_step, drop_fraction, distribution)
+  frac = (drop_fraction if callable(drop_fraction)
+          else cosine_drop_fraction(drop_fraction, end_step))
+  init_key, grow_key = jax.random.split(as_key(key))
+
+  def init_fn(params):
+    inner_state = inner_tx.init(params)
+    count = jnp.zeros([], jnp.int32)
+    if is_placeholder(params):
+      return SparseTrainingState(count, jax.tree.map(lambda x: x, params), inner_state)
+    _, _, where_p = selection(params, where)
+    if _tree.is_traced(sparsity):
+      raise ValueError("sparsity sets how many connections each leaf keeps and must be "
+                       "concrete when the state is initialized (only the update may trace it).")
+    s = float(sparsity)
+    alloc = erk_sparsities(params, s, where=where_p) if distribution == "erk" else s
+    masks = topk_mask(random_scores(params, init_key, where=where_p), alloc, where=where_p)
+    return SparseTrainingState(count, masks, inner_state)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(optax.NO_PARAMS_MSG)
+    _, chosen, _ = selection(params, where)
+    treedef = jax.tree.structure(params)
+    count = state.count
+    t_end = jnp.asarray(end_step, jnp.int32)
+    every = jnp.asarray(update_every, jnp.int32)
+    is_update = (count > 0) & (count % every == 0) & (count < t_end)
+
+    def move(masks):
+      f = frac(count)
+      key_t = jax.random.fold_in(grow_key, count)
+      m_leaves = treedef.flatten_up_to(masks)
+      p_leaves = jax.tree.leaves(params)
+      g_leaves = treedef.flatten_up_to(updates)
+      new, grown = [], []
+      for i, (m, p, g, c) in enumerate(zip(m_leaves, p_leaves, g_leaves, chosen, strict=True)):
+        if not c:
+          new.append(m)
+          grown.append(jnp.zeros((), bool))
+          continue
+        n_active = jnp.sum(m, dtype=jnp.int32)
+        k = jnp.floor(f * n_active.astype(jnp.float32)).astype(jnp.int32)
+        # Drop: the k active weights of smallest magnitude (inactive ones never qualify).
+        mag = jnp.abs(p).astype(jnp.float32)
+        dropped = lowest_k(jnp.where(m, mag, jnp.inf), k)
+        kept = m & ~dropped
+        # Grow: the k best among all connections not kept (the just-dropped included, as in
+        # RigL's Algorithm 1; one that is dropped and grown again keeps its weight and state).
+        if grow == "gradient":
+          score = jnp.abs(g).astype(jnp.float32)
+        else:
+          score = jax.random.uniform(jax.random.fold_in(key_t, i), m.shape, jnp.float32)
+        grow_mask = lowest_k(jnp.where(kept, jnp.inf, -score), k)
+        new.append(kept | grow_mask)
+        grown.append(grow_mask & ~m)
+      return jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, grown)
+
+    def stay(masks):
+      none = [jnp.zeros(np.shape(m), bool) if c else jnp.zeros((), bool)
+              for m, c in zip(treedef.flatten_up_to(masks), chosen, strict=True)]
+      return masks, jax.tree.unflatten(treedef, none)
+
+    masks, grown = lax.cond(is_update, move, stay, state.masks)
+    active = jax.tree.map(lambda m, g: m & ~g, masks, grown)
+    grads_in = mask_grads(active, updates, chosen)
+    inner_updates, inner_state = optax.with_extra_args_support(inner_tx).update(
+        grads_in, state.inner_state, params, **extra_args)
+    inner_state = reset_inner_state(inner_tx, inner_state, grown)
+    out = enforce(masks, inner_updates, params, chosen, override=grown)
+    return out, SparseTrainingState(optax.safe_increment(count), masks, inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def rigl(inner_tx: optax.GradientTransformation, *, sparsity: float, update_every: int,
+         end_step: int, drop_fraction=0.3, distribution: str = "erk",
+         where: _tree.Where | None = None, key=0) -> optax.GradientTransformationExtraArgs:
+  """RigL: sparse training that grows the connections with the largest dense gradient.
+
+  Every ``update_every`` steps before ``end_step`` (not at step 0), each prunable leaf drops its
+  ``k = ⌊f(t)·n_active⌋`` active weights of smallest ``|w|`` and grows the ``k`` connections
+  with the largest ``|g|`` among those not kept, where ``g`` is the dense gradient this
+  transform receives (pruned weights are exactly 0, so the gradient at them is the dense one).
+  Grown weights start at 0 with a reset inner-optimizer state. Sparsity is exact at every step.
+
+  Args:
+    inner_tx: the optimizer (any optax transformation, learning rate included).
+    sparsity: the fraction of each prunable leaf's weights (overall, under ERK) that is
+      inactive, in [0, 1). Static (used at ``init``).
+    update_every: steps between connectivity updates (RigL's ΔT).
+    end_step: no connectivity update from this step on (RigL's T_end).
+    drop_fraction: α of the cosine decay ``α/2·(1 + cos(πt/end_step))``, or a schedule
+      ``step -> fraction`` used as is.
+    distribution: ``"erk"`` (default) or ``"uniform"``.
+    where: ``(path, leaf) -> bool`` choosing sparse leaves (default: float, ``ndim >= 2``).
+    key: a PRNG key or int seed for the initial random connectivity.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a :class:`SparseTrainingState`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+    >>> tx = jp.rigl(optax.adam(1e-2), sparsity=0.75, update_every=2, end_step=10,
+    ...              distribution="uniform")
+    >>> state = tx.init(params)
+    >>> for _ in range(5):
+    ...   grads = jax.tree.map(jnp.sign, params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> float(jp.sparsity(params)), float(jp.sparsity(jp.masks_from_state(state)))
+    (0.75, 0.75)
+
+  References:
+    Evci, Gale, Menick, Castro and Elsen, "Rigging the Lottery: Making All Tickets Winners",
+    ICML 2020.
+  """
+  return _sparse_training("gradient", inner_tx, sparsity, update_every, end_step, drop_fraction,
+                          distribution, where, key)
+
+
+def set_training(inner_tx: optax.GradientTransformation, *, sparsity: float, update_every: int,
+                 end_step: int, drop_fraction=0.3, distribution: str = "erk",
+                 where: _tree.Where | None = None,
+                 key=0) -> optax.GradientTransformationExtraArgs:
+  """SET (Sparse Evolutionary Training): drop the smallest weights, regrow at random.
+
+  Same as :func:`rigl` except that the ``k`` grown connections are drawn uniformly at random
+  (``fold_in(key, count)``) among those not kept. The paper uses a constant fraction ζ = 0.3;
+  pass ``drop_fraction=optax.constant_schedule(0.3)`` for that (the default decays it like
+  RigL).
+
+  Args:
+    inner_tx, sparsity, update_every, end_step, drop_fraction, distribution, where, key: as in
+      :func:`rigl`; ``key`` also seeds the random regrowth.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a :class:`SparseTrainingState`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+    >>> tx = jp.set_training(optax.sgd(0.1), sparsity=0.5, update_every=1, end_step=10,
+    ...                      distribution="uniform")
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   updates, state = tx.update(params, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> int(jp.masks_from_state(state)["w"].sum())
+    32
+
+  References:
+    Mocanu et al., "Scalable training of artificial neural networks with adaptive sparse
+    connectivity inspired by network science", Nature Communications 9, 2383 (2018).
+  """
+  return _sparse_training("random", inner_tx, sparsity, update_every, end_step, drop_fraction,
+                          distribution, where, key)

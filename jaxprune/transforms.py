@@ -1,0 +1,608 @@
+"""Layer 6 — pruning transforms: optax gradient transformations that prune while training.
+
+Two shapes of transform, one rule for both — the transform enforces its masks itself by emitting
+``where(mask, u, -p)``, so that ``optax.apply_updates`` lands every pruned weight on exactly 0:
+
+* **A chain link** (:func:`magnitude_pruning`, :func:`random_pruning`, :func:`pruning` without
+  ``inner_tx``) goes **last** in ``optax.chain``, after learning-rate scaling::
+
+      tx = optax.chain(optax.adamw(1e-3), jp.magnitude_pruning(schedule, update_every=100))
+
+  Anything after it would rescale the ``-p`` that zeroes a pruned weight.
+* **A wrapper** (:func:`saliency_pruning`, :func:`movement_pruning`, :func:`pruning` with
+  ``inner_tx``) is the whole optimizer: it sees the raw gradients (which gradient criteria
+  need), gives the inner optimizer the gradients of the surviving weights only, and enforces
+  the masks on what the inner optimizer returns::
+
+      tx = jp.saliency_pruning(optax.adam(1e-3), schedule, update_every=100)
+
+Masks are recomputed every ``update_every`` steps inside ``lax.cond`` and only shrink: weights
+pruned earlier are scored lowest (NaN), so each prunable leaf (or all of them, with
+``scope="global"``) holds exactly ``round(s·n)`` pruned weights while the schedule does not
+decrease.
+
+With ``straight_through=True`` the params stay dense and the masks are recomputed from scratch
+at every update step (pruned weights can come back): apply them in the forward pass with
+:func:`apply_masks_straight_through`, so that the pruned weights still receive (dense)
+gradients.
+
+State is a :class:`PruningState` NamedTuple of fixed structure; :func:`masks_from_state` finds
+the masks in any nested optax state and :func:`replace_masks` puts masks into one.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jaxprune import _select, _tree, allocation
+from jaxprune.masks import topk_mask
+from jaxprune.scores import magnitude_scores, movement_scores, random_scores, saliency_scores
+
+__all__ = [
+    "PruningState", "pruning", "magnitude_pruning", "random_pruning", "saliency_pruning",
+    "movement_pruning", "apply_masks_straight_through", "masks_from_state", "replace_masks",
+]
+
+ScoreFn = Callable[..., Any]
+
+
+class PruningState(NamedTuple):
+  """State of the transforms built by :func:`pruning` (and the named pruning transforms)."""
+  count: jax.Array          # int32 scalar: updates seen so far.
+  masks: optax.Params       # bool keep-masks shaped like the params (scalar True if unpruned).
+  scores: optax.Params      # accumulated scores (float32) when the criterion accumulates,
+                            # else optax.EmptyState().
+  inner_state: optax.OptState  # the wrapped optimizer's state, or optax.EmptyState().
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def as_schedule(value, name: str = "sparsity") -> Callable[[jax.Array], jax.Array]:
+  """A fraction or an ``optax.Schedule`` as a schedule returning float32 in [0, 1]."""
+  if callable(value):
+    return lambda count: jnp.clip(jnp.asarray(value(count), jnp.float32), 0.0, 1.0)
+  if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) != 0:
+    raise ValueError(f"{name} must be a number, a 0-d array or a schedule; got shape "
+                     f"{np.shape(value)}.")
+  if allocation.is_scalar(value):
+    value = allocation.check_fraction(value, "<all>", what=name)
+    return lambda count: jnp.clip(jnp.asarray(value, jnp.float32), 0.0, 1.0)
+  raise ValueError(f"{name} must be a number, a 0-d array or a schedule (step -> {name}); got "
+                   f"{type(value).__name__}.")
+
+
+def as_key(key) -> jax.Array:
+  """A typed PRNG key from a key (typed or raw uint32) or an integer seed (maybe traced)."""
+  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  if isinstance(key, (jax.Array, np.ndarray)) and np.shape(key) == (2,):
+    return jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
+  return jax.random.key(key)
+
+
+def is_placeholder(params) -> bool:
+  """True for a tree without leaves, e.g. the placeholder ``optax.tree.map_params`` inits with."""
+  return not jax.tree.leaves(params)
+
+
+def selection(params, where):
+  """``(paths, chosen, where_by_path)``: prunable leaves of ``params`` as chosen by ``where``.
+
+  ``where_by_path`` is a ``where`` that answers by path alone, so that score trees (whose leaf
+  dtypes may differ from the params') select exactly the same leaves.
+  """
+  paths, _, _, chosen = _tree.selected(params, where)
+  chosen_paths = frozenset(p for p, c in zip(paths, chosen, strict=True) if c)
+  return paths, chosen, (lambda path, leaf: path in chosen_paths)
+
+
+def ones_masks(params, chosen):
+  """All-True keep-masks: a bool array for chosen leaves, scalar True for the others."""
+  treedef = jax.tree.structure(params)
+  leaves = jax.tree.leaves(params)
+  out = [jnp.ones_like(x, dtype=bool) if c else jnp.ones((), bool)
+         for x, c in zip(leaves, chosen, strict=True)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def enforce(masks, updates, params, chosen, override=None):
+  """``where(mask, u, -p)`` on chosen leaves so that ``apply_updates`` lands pruned weights on 0.
+
+  ``override`` (optional, same tree as masks) marks kept weights that must also land on 0
+  (e.g. connections RigL just grew). The result has ``result_type(u, p)`` so ``-p`` is exact.
+  """
+  treedef = jax.tree.structure(updates)
+  m_leaves = treedef.flatten_up_to(masks)
+  u_leaves = jax.tree.leaves(updates)
+  p_leaves = treedef.flatten_up_to(params)
+  o_leaves = treedef.flatten_up_to(override) if override is not None else [None] * len(u_leaves)
+  out = []
+  for m, u, p, o, c in zip(m_leaves, u_leaves, p_leaves, o_leaves, chosen, strict=True):
+    if c:
+      keep = m if o is None else m & ~o
+      u = jnp.where(keep, u, -p)
+    out.append(u)
+  return jax.tree.unflatten(treedef, out)
+
+
+def mask_grads(masks, grads, chosen):
+  """Zeroes the gradients of pruned weights (so inner optimizers see only surviving weights)."""
+  treedef = jax.tree.structure(grads)
+  m_leaves = treedef.flatten_up_to(masks)
+  out = [jnp.where(m, g, jnp.zeros((), g.dtype)) if c else g
+         for m, g, c in zip(m_leaves, jax.tree.leaves(grads), chosen, strict=True)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def allocate(params, s, distribution: str, where_by_path):
+  """Per-leaf sparsities for the global sparsity ``s`` (float32 scalar, maybe traced)."""
+  if distribution == "uniform":
+    return s
+  return _select.erk_sparsities_traced(params, s, where=where_by_path)
+
+
+def check_options(scope: str, distribution: str, update_every) -> None:
+  if scope not in ("layerwise", "global"):
+    raise ValueError(f"scope must be 'layerwise' or 'global', got {scope!r}.")
+  if distribution not in ("uniform", "erk"):
+    raise ValueError(f"distribution must be 'uniform' or 'erk', got {distribution!r}.")
+  if scope == "global" and distribution != "uniform":
+    raise ValueError("scope='global' sets one threshold over all leaves; it takes "
+                     f"distribution='uniform', got {distribution!r}.")
+  if isinstance(update_every, bool) or (
+      isinstance(update_every, (int, np.integer)) and update_every < 1):
+    raise ValueError(f"update_every must be an int >= 1, got {update_every!r}.")
+
+
+def _nan_pruned(scores, masks, chosen):
+  """Scores with already-pruned weights set to NaN: pruned first, so masks only shrink."""
+  treedef = jax.tree.structure(scores)
+  m_leaves = treedef.flatten_up_to(masks)
+  out = [jnp.where(m, s, jnp.full((), jnp.nan, s.dtype)) if c else s
+         for m, s, c in zip(m_leaves, jax.tree.leaves(scores), chosen, strict=True)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def _and(a, b):
+  return jax.tree.map(jnp.logical_and, a, b)
+
+
+def _accumulate(acc, step_scores, chosen):
+  treedef = jax.tree.structure(acc)
+  steps = treedef.flatten_up_to(step_scores)
+  out = [a + s.astype(jnp.float32) if c else a
+         for a, s, c in zip(jax.tree.leaves(acc), steps, chosen, strict=True)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def _score_with(accumulated, params, chosen):
+  """The accumulated scores on chosen leaves, the params elsewhere (a tree like params)."""
+  treedef = jax.tree.structure(params)
+  out = [a if c else p for a, p, c in
+         zip(treedef.flatten_up_to(accumulated), jax.tree.leaves(params), chosen, strict=True)]
+  return jax.tree.unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------- generic
+
+
+def pruning(score_fn: ScoreFn, sparsity, *, inner_tx: optax.GradientTransformation | None = None,
+            update_every: int = 1, structure=None, scope: str = "layerwise",
+            distribution: str = "uniform", where: _tree.Where | None = None,
+            accumulate: bool = False, straight_through: bool = False,
+            key=0) -> optax.GradientTransformationExtraArgs:
+  """Prunes by any score while training; the named pruning transforms are thin wrappers of it.
+
+  Every ``update_every`` steps (step 0 included) the masks are recomputed from
+  ``score_fn(params, grads=..., key=..., where=...)`` with ``topk_mask`` at the sparsity the
+  schedule gives for this step; weights pruned earlier score NaN (lowest), so masks only shrink
+  and the pruned count is exactly ``round(s·n)`` per leaf (or over all leaves with
+  ``scope="global"``) as long as the schedule does not decrease.
+
+  Without ``inner_tx`` the transform is a chain link and must go **last** in ``optax.chain``;
+  ``grads`` is then the update it receives. With ``inner_tx`` it wraps that optimizer: ``grads``
+  is the raw gradient, the inner optimizer receives the gradients of the surviving weights only,
+  and the masks are enforced on its output.
+
+  Args:
+    score_fn: ``(params, *, grads, key, where) -> scores`` (larger is kept); ``key`` is
+      ``fold_in(key, count)``. Static: list it in ``static_args`` of ``inject_hyperparams``.
+    sparsity: the fraction to remove: a number in [0, 1], a 0-d array (may be traced, e.g. by
+      ``optax.inject_hyperparams``) or a schedule ``step -> sparsity`` (see
+      :mod:`jaxprune.schedules`).
+    inner_tx: the optimizer to wrap (for criteria that need raw gradients), or None.
+    update_every: recompute masks when ``count % update_every == 0`` (may be traced).
+    structure: a structure from :mod:`jaxprune.structure` (default unstructured). Static.
+    scope: ``"layerwise"`` or ``"global"``. Static.
+    distribution: ``"uniform"`` (every prunable leaf gets ``s``) or ``"erk"`` (per-leaf ERK
+      sparsities whose weighted mean is ``s``). Static.
+    where: ``(path, leaf) -> bool`` choosing prunable leaves. Static.
+    accumulate: if True, the masks use the running sum of the per-step scores since step 0
+      (kept in ``state.scores``), as movement pruning does. Static.
+    straight_through: if True, the params stay dense: updates pass through unchanged, masks are
+      recomputed from scratch at each update step (pruned weights can return), and the
+      training loop applies them in the forward pass with
+      :func:`apply_masks_straight_through`. Static.
+    key: a PRNG key or int seed for random scores.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`PruningState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, jaxprune as jp
+    >>> score = lambda params, *, grads, key, where: jp.magnitude_scores(params, where=where)
+    >>> tx = optax.chain(optax.sgd(0.1), jp.pruning(score, 0.5))
+    >>> params = {"w": jnp.array([[1., -2.], [3., 0.5]])}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.ones((2, 2))}, state, params)
+    >>> optax.apply_updates(params, updates)["w"]
+    Array([[ 0. , -2.1],
+           [ 2.9,  0. ]], dtype=float32)
+  """
+  sched = as_schedule(sparsity)
+  check_options(scope, distribution, update_every)
+  base_key = as_key(key)
+
+  def init_fn(params):
+    inner_state = inner_tx.init(params) if inner_tx is not None else optax.EmptyState()
+    if is_placeholder(params):
+      masks = jax.tree.map(lambda x: x, params)
+      scores = jax.tree.map(lambda x: x, params) if accumulate else optax.EmptyState()
+      return PruningState(jnp.zeros([], jnp.int32), masks, scores, inner_state)
+    _, chosen, _ = selection(params, where)
+    masks = ones_masks(params, chosen)
+    scores = optax.EmptyState()
+    if accumulate:
+      treedef = jax.tree.structure(params)
+      scores = jax.tree.unflatten(treedef, [
+          jnp.zeros_like(x, dtype=jnp.float32) if c else jnp.zeros((), jnp.float32)
+          for x, c in zip(jax.tree.leaves(params), chosen, strict=True)])
+    return PruningState(jnp.zeros([], jnp.int32), masks, scores, inner_state)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(optax.NO_PARAMS_MSG)
+    _, chosen, where_p = selection(params, where)
+    count = state.count
+    key_t = jax.random.fold_in(base_key, count)
+    s = sched(count)
+
+    def step_scores():
+      return score_fn(params, grads=updates, key=key_t, where=where_p)
+
+    acc = state.scores
+    if accumulate:
+      acc = _accumulate(state.scores, step_scores(), chosen)
+
+    def recompute(masks):
+      scores = _score_with(acc, params, chosen) if accumulate else step_scores()
+      if not straight_through:
+        scores = _nan_pruned(scores, masks, chosen)
+      alloc = allocate(params, s, distribution, where_p)
+      new = topk_mask(scores, alloc, structure=structure, scope=scope, where=where_p)
+      return new if straight_through else _and(new, masks)
+
+    is_update = count % jnp.asarray(update_every, jnp.int32) == 0
+    masks = lax.cond(is_update, recompute, lambda m: m, state.masks)
+
+    inner_state = state.inner_state
+    if inner_tx is not None:
+      grads_in = updates if straight_through else mask_grads(masks, updates, chosen)
+      updates, inner_state = optax.with_extra_args_support(inner_tx).update(
+          grads_in, state.inner_state, params, **extra_args)
+    if not straight_through:
+      updates = enforce(masks, updates, params, chosen)
+    return updates, PruningState(optax.safe_increment(count), masks, acc, inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- named criteria
+
+
+def _magnitude(params, *, grads, key, where):
+  del grads, key
+  return magnitude_scores(params, where=where)
+
+
+def _random(params, *, grads, key, where):
+  del grads
+  return random_scores(params, key, where=where)
+
+
+def _saliency(params, *, grads, key, where):
+  del key
+  return saliency_scores(params, grads, where=where)
+
+
+def _movement(params, *, grads, key, where):
+  del key
+  return movement_scores(params, grads, where=where)
+
+
+def magnitude_pruning(sparsity, *, update_every: int = 1, structure=None,
+                      scope: str = "layerwise", distribution: str = "uniform",
+                      where: _tree.Where | None = None,
+                      straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
+  """Magnitude pruning while training (gradual when ``sparsity`` is a schedule).
+
+  A chain link that goes **last** in ``optax.chain`` (after learning-rate scaling): every
+  ``update_every`` steps it keeps the largest ``|w|`` and emits ``where(mask, u, -p)``, so every
+  pruned weight lands on exactly 0 and stays there. Masks only shrink.
+
+  Args:
+    sparsity: a number in [0, 1], a 0-d array or a schedule (e.g.
+      :func:`jaxprune.polynomial_schedule` for gradual pruning).
+    update_every: recompute masks every this many steps.
+    structure: :func:`jaxprune.unstructured` (default), ``n_of_m``, ``blocks``, ``channels``...
+    scope: ``"layerwise"`` or ``"global"`` (one threshold over all prunable leaves).
+    distribution: ``"uniform"`` or ``"erk"`` (layerwise only).
+    where: ``(path, leaf) -> bool`` choosing prunable leaves (default: float, ``ndim >= 2``).
+    straight_through: keep params dense and mask in the forward pass (see :func:`pruning`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a :class:`PruningState`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, jaxprune as jp
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+    >>> tx = optax.chain(optax.adam(1e-2), jp.magnitude_pruning(
+    ...     jp.polynomial_schedule(0.75, begin_step=0, end_step=4), update_every=2))
+    >>> state = tx.init(params)
+    >>> for _ in range(6):
+    ...   updates, state = tx.update(params, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> float(jp.sparsity(params))
+    0.75
+
+  References:
+    Zhu and Gupta, "To prune, or not to prune", 2017 (gradual magnitude pruning);
+    Han et al., "Learning both Weights and Connections for Efficient Neural Networks", 2015.
+  """
+  return pruning(_magnitude, sparsity, update_every=update_every, structure=structure,
+                 scope=scope, distribution=distribution, where=where,
+                 straight_through=straight_through)
+
+
+def random_pruning(sparsity, *, key=0, update_every: int = 1, structure=None,
+                   scope: str = "layerwise", distribution: str = "uniform",
+                   where: _tree.Where | None = None,
+                   straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
+  """Random pruning while training: a baseline that removes random weights (a chain link, last).
+
+  At each update step the scores are uniform noise from ``fold_in(key, count)``; weights pruned
+  earlier stay pruned, so the masks only shrink.
+
+  Args:
+    sparsity: a number in [0, 1], a 0-d array or a schedule.
+    key: a PRNG key or an int seed.
+    update_every, structure, scope, distribution, where, straight_through: as in
+      :func:`magnitude_pruning`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a :class:`PruningState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, jaxprune as jp
+    >>> tx = optax.chain(optax.sgd(0.1), jp.random_pruning(0.5, key=0))
+    >>> params = {"w": jnp.ones((4, 4))}
+    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> float(jp.sparsity(optax.apply_updates(params, updates)))
+    0.5
+
+  References:
+    Liu et al., "The Unreasonable Effectiveness of Random Pruning", ICLR 2022.
+  """
+  return pruning(_random, sparsity, key=key, update_every=update_every, structure=structure,
+                 scope=scope, distribution=distribution, where=where,
+                 straight_through=straight_through)
+
+
+def saliency_pruning(inner_tx: optax.GradientTransformation, sparsity, *, update_every: int = 1,
+                     structure=None, scope: str = "layerwise", distribution: str = "uniform",
+                     where: _tree.Where | None = None,
+                     straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
+  """Saliency (first-order Taylor, ``|w·g|``) pruning while training, wrapping ``inner_tx``.
+
+  The criterion needs the raw gradient, so this transform is the whole optimizer: it scores
+  with the gradient it receives, hands the surviving weights' gradients to ``inner_tx`` and
+  makes pruned weights land on exactly 0.
+
+  Args:
+    inner_tx: the optimizer (any optax transformation, learning rate included).
+    sparsity: a number in [0, 1], a 0-d array or a schedule.
+    update_every, structure, scope, distribution, where, straight_through: as in
+      :func:`magnitude_pruning`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a :class:`PruningState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, jaxprune as jp
+    >>> tx = jp.saliency_pruning(optax.sgd(0.1), 0.5)
+    >>> params = {"w": jnp.array([[1., 2.], [3., 4.]])}
+    >>> grads = {"w": jnp.array([[4., 0.1], [1., 1.]])}   # saliency 4, .2, 3, 4
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"]
+    Array([[0.6, 0. ],
+           [0. , 3.9]], dtype=float32)
+
+  References:
+    Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019;
+    Lee et al., "SNIP: Single-shot Network Pruning based on Connection Sensitivity", ICLR 2019.
+  """
+  return pruning(_saliency, sparsity, inner_tx=inner_tx, update_every=update_every,
+                 structure=structure, scope=scope, distribution=distribution, where=where,
+                 straight_through=straight_through)
+
+
+def movement_pruning(inner_tx: optax.GradientTransformation, sparsity, *,
+                     update_every: int = 1, structure=None, scope: str = "layerwise",
+                     distribution: str = "uniform", where: _tree.Where | None = None,
+                     straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
+  """Movement pruning, wrapping ``inner_tx``: keeps the weights moving away from zero.
+
+  The score ``S = −Σ_t w_t·g_t`` is accumulated over every step in ``state.scores`` (float32) and
+  the masks keep the highest ``S``. Sanh et al. train with a straight-through estimator; set
+  ``straight_through=True`` for that (see :func:`apply_masks_straight_through`).
+
+  Args:
+    inner_tx: the optimizer (any optax transformation, learning rate included).
+    sparsity: a number in [0, 1], a 0-d array or a schedule.
+    update_every, structure, scope, distribution, where, straight_through: as in
+      :func:`magnitude_pruning`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a :class:`PruningState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, jaxprune as jp
+    >>> tx = jp.movement_pruning(optax.sgd(0.1), 0.5)
+    >>> params = {"w": jnp.array([[1., 1.], [1., 1.]])}
+    >>> grads = {"w": jnp.array([[1., -1.], [-2., 2.]])}   # -w*g: -1, 1, 2, -2
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> jp.masks_from_state(state)["w"]
+    Array([[False,  True],
+           [ True, False]], dtype=bool)
+
+  References:
+    Sanh, Wolf and Rush, "Movement Pruning: Adaptive Sparsity by Fine-Tuning", NeurIPS 2020.
+  """
+  return pruning(_movement, sparsity, inner_tx=inner_tx, update_every=update_every,
+                 structure=structure, scope=scope, distribution=distribution, where=where,
+                 accumulate=True, straight_through=straight_through)
+
+
+# ----------------------------------------------------------------------------- straight-through
+
+
+@jax.custom_vjp
+def _ste(p, m):
+  return jnp.where(m, p, jnp.zeros((), p.dtype))
+
+
+def _ste_fwd(p, m):
+  return _ste(p, m), m
+
+
+def _ste_bwd(m, g):
+  return g, np.zeros(np.shape(m), jax.dtypes.float0)
+
+
+_ste.defvjp(_ste_fwd, _ste_bwd)
+
+
+def apply_masks_straight_through(params, masks):
+  """``apply_masks`` in the forward pass, identity in the backward pass.
+
+  Pruned weights are 0 in the forward pass but receive the gradient of the masked weight, so a
+  straight-through transform (``straight_through=True``) can bring them back when they grow.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxprune as jp
+    >>> masks = {"w": jnp.array([True, False])}
+    >>> loss = lambda p: jnp.sum(jp.apply_masks_straight_through(p, masks)["w"] * 3.)
+    >>> jax.grad(loss)({"w": jnp.array([1., 2.])})["w"]
+    Array([3., 3.], dtype=float32)
+  """
+  _tree.check_same_structure(params, masks, "params", "masks")
+  treedef = jax.tree.structure(params)
+  out = []
+  for p, m in zip(jax.tree.leaves(params), treedef.flatten_up_to(masks), strict=True):
+    if np.ndim(m) == 0 and not isinstance(m, jax.core.Tracer) and bool(m):
+      out.append(p)
+    else:
+      out.append(_ste(p, jnp.broadcast_to(m, np.shape(p))))
+  return jax.tree.unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------- state access
+
+
+def _is_pruning_state(x) -> bool:
+  return isinstance(x, tuple) and "masks" in getattr(x, "_fields", ()) and "count" in x._fields
+
+
+def _unwrap(x):
+  """The array inside a Flax NNX ``Variable`` (as in ``nnx.Optimizer.opt_state``), else ``x``."""
+  get = getattr(x, "get_value", None)
+  return get() if callable(get) and not isinstance(x, jax.Array) else x
+
+
+def _is_variable(x) -> bool:
+  return callable(getattr(x, "get_value", None)) and not isinstance(x, jax.Array)
+
+
+def masks_from_state(opt_state):
+  """The keep-masks held anywhere inside a (nested) optax state.
+
+  Looks through ``optax.chain``, ``MultiSteps``, ``inject_hyperparams``, wrappers and an
+  ``nnx.Optimizer``'s ``opt_state`` for the state of a jaxprune transform. If several are found
+  (e.g. two pruning links on different leaves), their masks are combined with logical AND.
+
+  Raises:
+    ValueError: if the state holds no jaxprune pruning state.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, jaxprune as jp
+    >>> tx = optax.chain(optax.adam(1e-3), jp.magnitude_pruning(0.5))
+    >>> params = {"w": jnp.array([[1., 2.], [3., 4.]])}
+    >>> _, state = tx.update(params, tx.init(params), params)
+    >>> jp.masks_from_state(state)["w"]
+    Array([[False, False],
+           [ True,  True]], dtype=bool)
+  """
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_pruning_state)
+           if _is_pruning_state(x)]
+  if not found:
+    raise ValueError("opt_state holds no jaxprune pruning state (no NamedTuple with `count` and "
+                     "`masks` fields); was the optimizer built with a jaxprune transform?")
+  masks = [jax.tree.map(_unwrap, s.masks, is_leaf=_is_variable) for s in found]
+  out = masks[0]
+  for m in masks[1:]:
+    out = _and(out, m)
+  return out
+
+
+def replace_masks(opt_state, masks):
+  """A copy of ``opt_state`` whose jaxprune pruning states hold ``masks`` (e.g. a lottery
+  ticket's, to train the next round with them).
+
+  ``masks`` must have the tree of the masks in the state, and each leaf the shape of the mask it
+  replaces (scalar ``True`` for unpruned leaves).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, jaxprune as jp
+    >>> tx = optax.chain(optax.sgd(0.1), jp.magnitude_pruning(0.0))
+    >>> params = {"w": jnp.array([[1., 2.], [3., 4.]])}
+    >>> state = jp.replace_masks(tx.init(params), {"w": jnp.array([[True, False], [True, True]])})
+    >>> updates, state = tx.update(params, state, params)
+    >>> optax.apply_updates(params, updates)["w"]
+    Array([[0.9, 0. ],
+           [2.7, 3.6]], dtype=float32)
+  """
+  def swap(x):
+    if not _is_pruning_state(x):
+      return x
+    old = jax.tree.map(_unwrap, x.masks, is_leaf=_is_variable)
+    _tree.check_same_structure(old, masks, "state masks", "masks")
+    paths, old_leaves, _ = _tree.flatten(old)
+    for p, o, m in zip(paths, old_leaves, jax.tree.leaves(masks), strict=True):
+      if np.shape(o) != np.shape(m) or getattr(m, "dtype", None) != jnp.bool_:
+        raise ValueError(f"mask for '{p}' must be bool of shape {np.shape(o)}, got "
+                         f"{getattr(m, 'dtype', type(m))} of shape {np.shape(m)}.")
+    new = jax.tree.map(lambda o, m: jnp.asarray(m, bool), old, masks)
+    return x._replace(masks=new)
+
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_pruning_state)
+           if _is_pruning_state(x)]
+  if not found:
+    raise ValueError("opt_state holds no jaxprune pruning state to put masks into.")
+  return jax.tree.map(swap, opt_state, is_leaf=_is_pruning_state)
