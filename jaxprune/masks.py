@@ -134,8 +134,19 @@ def _tie_rank(at: jax.Array, axes) -> jax.Array:
   for n, d in enumerate(axes):
     later = tuple(axes[n + 1:])
     block = jnp.sum(at, axis=later, keepdims=True) if later else at
-    rank = rank + (jnp.cumsum(block, axis=d) - block)
+    rank = rank + (_cumsum_explicit_safe(block, d) - block)
   return rank
+
+
+def _cumsum_explicit_safe(x: jax.Array, axis: int) -> jax.Array:
+  """``cumsum`` along ``axis``; under an Explicit mesh, that axis is gathered first (a cumsum
+  cannot run over a sharded axis there) and the result is sharded back like ``x``."""
+  spec = getattr(jax.typeof(x).sharding, "spec", None)
+  if spec is None or axis >= len(spec) or spec[axis] is None:
+    return jnp.cumsum(x, axis=axis)
+  unsharded = jax.sharding.PartitionSpec(*[None if i == axis else a for i, a in enumerate(spec)])
+  out = jnp.cumsum(jax.sharding.reshard(x, unsharded), axis=axis)
+  return jax.sharding.reshard(out, spec)
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -239,6 +250,14 @@ def _n_of_m_leaf(path, scores, s, st):
 
 # ----------------------------------------------------------------------------- topk_mask
 
+def _shaped_like(mask, leaf):
+  """``mask`` with an elementwise tie to ``leaf`` (``leaf < -inf`` is always false), so that
+  sharding propagation gives a mask expanded from per-unit decisions the leaf's sharding."""
+  if isinstance(mask, jax.Array) and mask.shape == leaf.shape and mask.ndim:
+    return mask | (leaf < -jnp.inf)
+  return mask
+
+
 def _keep_leaf(path, scores, s, st):
   """Keep-mask of one leaf under layerwise allocation."""
   if isinstance(st, structure_lib.NOfM):
@@ -254,7 +273,7 @@ def _keep_leaf(path, scores, s, st):
     return jnp.ones_like(scores, dtype=bool)
   if isinstance(k, int) and k == units.size:
     return jnp.zeros_like(scores, dtype=bool)
-  return st.expand(~_lowest([units], k)[0], scores.shape)
+  return _shaped_like(st.expand(~_lowest([units], k)[0], scores.shape), scores)
 
 
 def _global_keep(paths, leaves, chosen, s, st):
@@ -268,7 +287,8 @@ def _global_keep(paths, leaves, chosen, s, st):
     raise ValueError(f"scope='global' counts with int32; {total} prunable units exceed 2**31-1.")
   k = allocation.num_to_prune(s, total)
   pruned = _lowest(units, k)
-  return {i: st.expand(~p, leaves[i].shape) for i, p in zip(idx, pruned)}
+  return {i: _shaped_like(st.expand(~p, leaves[i].shape), leaves[i])
+          for i, p in zip(idx, pruned)}
 
 
 def topk_mask(scores, sparsity, *, structure=None, scope: str = "layerwise",
