@@ -4,11 +4,38 @@ Pure functions over parameter pytrees that return masks, optax transforms that k
 sparse while it trains, surgery that makes structured-pruned models physically smaller, and
 analysis of what pruning costs. See README.md and docs/design.md.
 """
+# Layers 7-8 import the core above, so they come last.
+from jaxprune import analysis, surgery  # noqa: E402
 from jaxprune.allocation import erk_sparsities
+from jaxprune.analysis import (  # noqa: E402
+                             accuracy_vs_sparsity,
+                             constrained_loss,
+                             disparate_impact,
+                             dual_ascent_update,
+                             layer_sensitivity,
+                             mask_overlap,
+                             pairwise_mask_overlap,
+                             per_group_metrics,
+                             pruning_identified_exemplars,
+                             seed_spread,
+)
 from jaxprune.masks import apply_masks, lowest_k, prune, sparsity, summary, topk_mask
-from jaxprune.scores import (activation_scores, magnitude_scores, movement_scores,
-                             random_scores, saliency_scores)
+from jaxprune.scores import (
+                             activation_scores,
+                             magnitude_scores,
+                             movement_scores,
+                             random_scores,
+                             saliency_scores,
+)
 from jaxprune.structure import blocks, channels, n_of_m, per_output, unstructured
+from jaxprune.surgery import (  # noqa: E402
+                             channel_groups,
+                             group_masks,
+                             group_scores,
+                             module_fn,
+                             shrink,
+                             shrink_module,
+)
 
 __version__ = "0.1.0"
 
@@ -22,4 +49,11 @@ __all__ = [
     "erk_sparsities",
     # masks
     "topk_mask", "apply_masks", "sparsity", "summary", "prune", "lowest_k",
+    # surgery
+    "surgery", "channel_groups", "group_scores", "group_masks", "shrink", "shrink_module",
+    "module_fn",
+    # analysis
+    "analysis", "per_group_metrics", "disparate_impact", "pruning_identified_exemplars",
+    "mask_overlap", "pairwise_mask_overlap", "seed_spread", "layer_sensitivity",
+    "accuracy_vs_sparsity", "constrained_loss", "dual_ascent_update",
 ]

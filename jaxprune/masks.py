@@ -105,8 +105,8 @@ def _radix_select(count_below, k, bits, udt, prefix_shape):
   state, so the scores are held once more, leaf by leaf; no buffer spans several leaves.
   """
   fan = 1 << _RADIX_BITS
-  k = jnp.asarray(k, jnp.int32)
-  k_col = k.reshape(k.shape + (1,))
+  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), prefix_shape)
+  k_col = k.reshape(prefix_shape + (1,))
 
   def one_pass(i, prefix):
     shift = np.array(bits - _RADIX_BITS, udt) - (i * _RADIX_BITS).astype(udt)
@@ -188,7 +188,6 @@ def _lowest(arrays: list[jax.Array], k, group_axes=None) -> list[jax.Array]:
     # one such leaf in global scope. Each leaf's rank is built inside its own cond.
     out, before = [], jnp.zeros((), jnp.int32)
     for a in arrays:
-      at = at_of(a)
       n_here = _count_many([a], [at_of], group_axes)[..., 0]
       take = jnp.clip(ties_to_take - before, 0, n_here)
       if group_axes is None:

@@ -64,7 +64,15 @@ _INPUT = "is an axis of an input of fn (input features never change)"
 _OUTPUT = "is an axis of fn's output (outputs never change)"
 _SINGLE = "has a single channel"
 _UNMASKED = "none of its leaves is chosen by `where`, so no mask can remove its channels"
-_FIXED_REASONS = (_INPUT, _OUTPUT, _SINGLE, _UNMASKED)
+_WINDOW = "is an axis that `conv_general_dilated` slides its window along"
+_FIXED_REASONS = (_INPUT, _OUTPUT, _SINGLE, _UNMASKED, _WINDOW)
+# axes that are positions (space, time), not channels: never shrunk, whatever the masks say
+_POSITION_PREFIXES = ("is pooled over by", "is scanned over by")
+
+
+def _is_fixed(reasons) -> bool:
+  return bool(reasons) and (_INPUT in reasons or _OUTPUT in reasons or all(
+      w in _FIXED_REASONS or w.startswith(_POSITION_PREFIXES) for w in reasons))
 
 
 # ----------------------------------------------------------------------------- public types
@@ -99,8 +107,9 @@ class ChannelGroup:
     members: the :class:`Member` axes, in the params' flatten order.
     prunable: whether :func:`shrink` may remove its channels.
     reasons: why it is not prunable (empty when it is).
-    fixed: not prunable by design (input/output axis, one channel, no masked leaf) rather than
-      refused by tracing; :func:`shrink` keeps such a group whatever the masks say.
+    fixed: not prunable by design (an input/output axis, a spatial or time axis, one channel,
+      no masked leaf) rather than refused by tracing; :func:`shrink` keeps such a group whatever
+      the masks say, while masks that remove channels of a refused group are an error.
   """
   name: str
   size: int
@@ -378,7 +387,8 @@ class _Walker:
   def run_sub(self, sub, ins) -> list[_Val]:
     if isinstance(sub, jcore.ClosedJaxpr):
       return self.run(sub.jaxpr, [self.const(c) for c in sub.consts], ins)
-    return self.run(sub, [self.from_aval(v) for v in sub.constvars], ins)
+    return self.run(sub, [self.const(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype))
+                          for v in sub.constvars], ins)
 
   # -- equations
   def eqn(self, eqn, xs) -> list[_Val]:
@@ -622,7 +632,7 @@ class _Walker:
     ls, rs, os_ = dimension_numbers
     shape = tuple(eqn.outvars[0].aval.shape)
     groups = int(feature_group_count)
-    window = "is an axis that `conv_general_dilated` slides its window along"
+    window = _WINDOW
     for d in ls[2:]:
       self.refuse(lhs.dims[d], window)
     for d in rs[2:]:
@@ -1037,9 +1047,7 @@ def _analyze(fn: Callable, params, inputs, where) -> _Analysis:
     why = tuple(info[atom])
     mem = tuple(Member(paths[i], a, np.asarray(idx), bool(chosen[i]))
                 for i, a, idx in sorted(members[atom], key=lambda m: (m[0], m[1])))
-    fixed = bool(why) and (_INPUT in why or _OUTPUT in why
-                           or all(w in _FIXED_REASONS for w in why))
-    groups.append(ChannelGroup(name, cl.n(atom), mem, not why, why, fixed))
+    groups.append(ChannelGroup(name, cl.n(atom), mem, not why, why, _is_fixed(why)))
   return _Analysis(paths, leaves, treedef, tuple(groups))
 
 
@@ -1123,7 +1131,7 @@ def group_scores(groups, params, scores=None) -> dict[str, jax.Array]:
     >>> fn = lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"]
     >>> groups = surgery.channel_groups(fn, params, jnp.ones((1, 2)))
     >>> surgery.group_scores(groups, params)["w1:1"]
-    Array([5.0990195, 1.7320508], dtype=float32)
+    Array([5.0990195, 1.4142135], dtype=float32)
   """
   paths, leaves, at = _member_table(groups, params)
   score_leaves = None
@@ -1269,6 +1277,20 @@ def _verify(fn, masked, small, inputs) -> None:
           "in a way tracing could not see. Please report this with the model.")
 
 
+def _check_masks(params, masks) -> list:
+  """The mask leaves, after checking they fit params (errors name the path)."""
+  _tree.check_same_structure(params, masks, "params", "masks")
+  paths, leaves, _ = _tree.flatten(params)
+  mleaves = jax.tree.leaves(masks)
+  for p, x, m in zip(paths, leaves, mleaves, strict=True):
+    if getattr(m, "dtype", None) != jnp.bool_ and not isinstance(m, (bool, np.bool_)):
+      raise ValueError(f"mask for '{p}' must be bool, got {getattr(m, 'dtype', type(m))}.")
+    if np.shape(m) not in ((), np.shape(x)):
+      raise ValueError(f"mask for '{p}' has shape {np.shape(m)}; the leaf has shape "
+                       f"{np.shape(x)} (a mask is the leaf's shape, or a scalar).")
+  return mleaves
+
+
 def shrink(fn: Callable, params, masks, *inputs, where: _tree.Where | None = None,
            strict: bool = True, verify: bool = True):
   """Smaller params: removes every channel the masks remove from a whole group.
@@ -1308,11 +1330,10 @@ def shrink(fn: Callable, params, masks, *inputs, where: _tree.Where | None = Non
     >>> {k: v.shape for k, v in small.items()}
     {'b1': (2,), 'w1': (3, 2), 'w2': (2, 2)}
   """
-  masked_params = masks_lib.apply_masks(params, masks)
+  mask_leaves = _check_masks(params, masks)
   res = _analyze(fn, params, inputs, where)
   leaves = res.leaves
   at = {p: i for i, p in enumerate(res.paths)}
-  mask_leaves = jax.tree.leaves(masks)
   keep: dict[int, np.ndarray] = {}
   for gi, g in enumerate(res.groups):
     masked = [m for m in g.members if m.masked]
@@ -1353,17 +1374,40 @@ def shrink(fn: Callable, params, masks, *inputs, where: _tree.Where | None = Non
     if gi in keep:
       for m in g.members:
         by_axis[(at[m.path], m.axis)].append((keep[gi], m.index))
-  masked_leaves = jax.tree.leaves(masked_params)
-  out = []
-  for i, x in enumerate(masked_leaves):
+  # what each leaf needs: masking (non-trivial mask) and/or gathers of the kept positions
+  todo = {}
+  for i, x in enumerate(leaves):
+    takes = []
     for ax in range(np.ndim(x)):
       pos = np.ones(np.shape(x)[ax], bool)
       for k, idx in by_axis.get((i, ax), ()):
         valid = idx >= 0
         pos[valid] &= k[idx[valid]]
       if not pos.all():
-        x = jnp.take(jnp.asarray(x), np.nonzero(pos)[0], axis=ax)
-    out.append(x)
+        takes.append((ax, np.nonzero(pos)[0]))
+    m = mask_leaves[i]
+    trivial = np.shape(m) == () and bool(np.asarray(m))
+    if takes or not trivial:
+      todo[i] = (not trivial, takes)
+  chosen = sorted(todo)
+
+  def work(xs, ms):  # one compiled program for all leaves, not one per leaf and op
+    masked, small = [], []
+    for i, x, m in zip(chosen, xs, ms, strict=True):
+      needs_mask, takes = todo[i]
+      y = jnp.where(m, x, jnp.zeros((), x.dtype)) if needs_mask else x
+      masked.append(y)
+      for ax, kept in takes:
+        y = jnp.take(y, kept, axis=ax)
+      small.append(y)
+    return masked, small
+
+  masked_sel, small_sel = jax.jit(work)([jnp.asarray(leaves[i]) for i in chosen],
+                                        [jnp.asarray(mask_leaves[i]) for i in chosen])
+  masked_leaves, out = list(leaves), list(leaves)
+  for i, y, z in zip(chosen, masked_sel, small_sel, strict=True):
+    masked_leaves[i], out[i] = y, z
+  masked_params = jax.tree.unflatten(res.treedef, masked_leaves)
   small = jax.tree.unflatten(res.treedef, out)
   if verify:
     _verify(fn, masked_params, small, inputs)

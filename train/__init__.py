@@ -1,0 +1,1 @@
+"""jaxprune's experiment runner: data (tfds), models (Flax NNX), checkpoints (orbax), loop."""
