@@ -20,12 +20,26 @@ from jaxprune.analysis import (  # noqa: E402
                              seed_spread,
 )
 from jaxprune.masks import apply_masks, lowest_k, prune, sparsity, summary, topk_mask
+from jaxprune.rewinding import rewind, ticket_masks
+from jaxprune.schedules import (
+                             constant_schedule,
+                             iterative_schedule,
+                             one_shot_schedule,
+                             polynomial_schedule,
+)
 from jaxprune.scores import (
                              activation_scores,
                              magnitude_scores,
                              movement_scores,
                              random_scores,
                              saliency_scores,
+)
+from jaxprune.sparse_training import (
+                             SparseTrainingState,
+                             cosine_drop_fraction,
+                             reset_inner_state,
+                             rigl,
+                             set_training,
 )
 from jaxprune.structure import blocks, channels, n_of_m, per_output, unstructured
 from jaxprune.surgery import (  # noqa: E402
@@ -35,6 +49,17 @@ from jaxprune.surgery import (  # noqa: E402
                              module_fn,
                              shrink,
                              shrink_module,
+)
+from jaxprune.transforms import (
+                             PruningState,
+                             apply_masks_straight_through,
+                             magnitude_pruning,
+                             masks_from_state,
+                             movement_pruning,
+                             pruning,
+                             random_pruning,
+                             replace_masks,
+                             saliency_pruning,
 )
 
 __version__ = "0.1.0"
@@ -49,6 +74,13 @@ __all__ = [
     "erk_sparsities",
     # masks
     "topk_mask", "apply_masks", "sparsity", "summary", "prune", "lowest_k",
+    # schedules
+    "constant_schedule", "one_shot_schedule", "polynomial_schedule", "iterative_schedule",
+    # transforms
+    "pruning", "magnitude_pruning", "random_pruning", "saliency_pruning", "movement_pruning",
+    "apply_masks_straight_through", "masks_from_state", "replace_masks", "PruningState",
+    "rigl", "set_training", "SparseTrainingState", "cosine_drop_fraction", "reset_inner_state",
+    "rewind", "ticket_masks",
     # surgery
     "surgery", "channel_groups", "group_scores", "group_masks", "shrink", "shrink_module",
     "module_fn",

@@ -109,7 +109,7 @@ def _radix_select(count_below, k, bits, udt, prefix_shape):
   k_col = k.reshape(prefix_shape + (1,))
 
   def one_pass(i, prefix):
-    shift = np.array(bits - _RADIX_BITS, udt) - (i * _RADIX_BITS).astype(udt)
+    shift = np.array(bits - _RADIX_BITS, udt) - jnp.asarray(i * _RADIX_BITS).astype(udt)
     cands = [prefix + (np.array(j, udt) << shift) for j in range(fan)]
     counts = count_below(cands)
     digit = jnp.maximum(jnp.sum(counts < k_col, axis=-1, dtype=jnp.int32) - 1, 0)
@@ -141,12 +141,13 @@ def _tie_rank(at: jax.Array, axes) -> jax.Array:
 def _cumsum_explicit_safe(x: jax.Array, axis: int) -> jax.Array:
   """``cumsum`` along ``axis``; under an Explicit mesh, that axis is gathered first (a cumsum
   cannot run over a sharded axis there) and the result is sharded back like ``x``."""
-  spec = getattr(jax.typeof(x).sharding, "spec", None)
+  sharding = jax.typeof(x).sharding
+  spec = getattr(sharding, "spec", None)
   if spec is None or axis >= len(spec) or spec[axis] is None:
     return jnp.cumsum(x, axis=axis)
   unsharded = jax.sharding.PartitionSpec(*[None if i == axis else a for i, a in enumerate(spec)])
-  out = jnp.cumsum(jax.sharding.reshard(x, unsharded), axis=axis)
-  return jax.sharding.reshard(out, spec)
+  gathered = jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, unsharded))
+  return jax.sharding.reshard(jnp.cumsum(gathered, axis=axis), sharding)
 
 
 @functools.partial(jax.jit, static_argnums=(2,))

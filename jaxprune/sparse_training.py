@@ -19,6 +19,7 @@ to the params after ``init``: ``params = jp.apply_masks(params, jp.masks_from_st
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -31,7 +32,14 @@ from jaxprune import _tree, allocation
 from jaxprune.allocation import erk_sparsities
 from jaxprune.masks import lowest_k, topk_mask
 from jaxprune.scores import random_scores
-from jaxprune.transforms import as_key, enforce, is_placeholder, mask_grads, selection
+from jaxprune.transforms import (
+  NO_PARAMS_MSG,
+  as_key,
+  enforce,
+  is_placeholder,
+  mask_grads,
+  selection,
+)
 
 __all__ = ["SparseTrainingState", "rigl", "set_training", "cosine_drop_fraction",
            "reset_inner_state"]
@@ -113,40 +121,17 @@ def _check(sparsity, update_every, end_step, drop_fraction, distribution):
     raise ValueError(f"distribution must be 'erk' or 'uniform', got {distribution!r}.")
 
 
-def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop_fraction,
-                     distribution, where, key) -> optax.GradientTransformationExtraArgs:
-  _check(sparsity, update_every, end_step, drop_fraction, distribution)
-  frac = (drop_fraction if callable(drop_fraction)
-          else cosine_drop_fraction(drop_fraction, end_step))
-  init_key, grow_key = jax.random.split(as_key(key))
-
-  def init_fn(params):
-    inner_state = inner_tx.init(params)
-    count = jnp.zeros([], jnp.int32)
-    if is_placeholder(params):
-      return SparseTrainingState(count, jax.tree.map(lambda x: x, params), inner_state)
-    _, _, where_p = selection(params, where)
-    if _tree.is_traced(sparsity):
-      raise ValueError("sparsity sets how many connections each leaf keeps and must be "
-                       "concrete when the state is initialized (only the update may trace it).")
-    s = float(sparsity)
-    alloc = erk_sparsities(params, s, where=where_p) if distribution == "erk" else s
-    masks = topk_mask(random_scores(params, init_key, where=where_p), alloc, where=where_p)
-    return SparseTrainingState(count, masks, inner_state)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+@functools.lru_cache(maxsize=128)
+def _topology_fn(grow: str, where):
+  """The jitted connectivity update of SET/RigL for one static configuration (cached, so that
+  eager training steps reuse one compilation; inlined inside a jitted step)."""
+  @jax.jit
+  def new_topology(masks, params, updates, count, f, key_t, every, t_end):
     _, chosen, _ = selection(params, where)
     treedef = jax.tree.structure(params)
-    count = state.count
-    t_end = jnp.asarray(end_step, jnp.int32)
-    every = jnp.asarray(update_every, jnp.int32)
     is_update = (count > 0) & (count % every == 0) & (count < t_end)
 
     def move(masks):
-      f = frac(count)
-      key_t = jax.random.fold_in(grow_key, count)
       m_leaves = treedef.flatten_up_to(masks)
       p_leaves = jax.tree.leaves(params)
       g_leaves = treedef.flatten_up_to(updates)
@@ -178,7 +163,42 @@ def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop
               for m, c in zip(treedef.flatten_up_to(masks), chosen, strict=True)]
       return masks, jax.tree.unflatten(treedef, none)
 
-    masks, grown = lax.cond(is_update, move, stay, state.masks)
+    return lax.cond(is_update, move, stay, masks)
+  return new_topology
+
+
+def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop_fraction,
+                     distribution, where, key) -> optax.GradientTransformationExtraArgs:
+  _check(sparsity, update_every, end_step, drop_fraction, distribution)
+  frac = (drop_fraction if callable(drop_fraction)
+          else cosine_drop_fraction(drop_fraction, end_step))
+  init_key, grow_key = jax.random.split(as_key(key))
+
+  def init_fn(params):
+    inner_state = inner_tx.init(params)
+    count = jnp.zeros([], jnp.int32)
+    if is_placeholder(params):
+      return SparseTrainingState(count, jax.tree.map(lambda x: x, params), inner_state)
+    _, _, where_p = selection(params, where)
+    if _tree.is_traced(sparsity):
+      raise ValueError("sparsity sets how many connections each leaf keeps and must be "
+                       "concrete when the state is initialized (only the update may trace it).")
+    s = float(sparsity)
+    alloc = erk_sparsities(params, s, where=where_p) if distribution == "erk" else s
+    masks = topk_mask(random_scores(params, init_key, where=where_p), alloc, where=where_p)
+    return SparseTrainingState(count, masks, inner_state)
+
+  new_topology = _topology_fn(grow, where)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(NO_PARAMS_MSG)
+    _, chosen, _ = selection(params, where)
+    count = state.count
+    masks, grown = new_topology(state.masks, params, updates, count, frac(count),
+                                jax.random.fold_in(grow_key, count),
+                                jnp.asarray(update_every, jnp.int32),
+                                jnp.asarray(end_step, jnp.int32))
     active = jax.tree.map(lambda m, g: m & ~g, masks, grown)
     grads_in = mask_grads(active, updates, chosen)
     inner_updates, inner_state = optax.with_extra_args_support(inner_tx).update(
@@ -192,7 +212,7 @@ def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop
 
 def rigl(inner_tx: optax.GradientTransformation, *, sparsity: float, update_every: int,
          end_step: int, drop_fraction=0.3, distribution: str = "erk",
-         where: _tree.Where | None = None, key=0) -> optax.GradientTransformationExtraArgs:
+         where: _tree.Where | None = None, key=None) -> optax.GradientTransformationExtraArgs:
   """RigL: sparse training that grows the connections with the largest dense gradient.
 
   Every ``update_every`` steps before ``end_step`` (not at step 0), each prunable leaf drops its
@@ -211,7 +231,12 @@ def rigl(inner_tx: optax.GradientTransformation, *, sparsity: float, update_ever
       ``step -> fraction`` used as is.
     distribution: ``"erk"`` (default) or ``"uniform"``.
     where: ``(path, leaf) -> bool`` choosing sparse leaves (default: float, ``ndim >= 2``).
-    key: a PRNG key or int seed for the initial random connectivity.
+    key: a PRNG key or int seed for the initial random connectivity (None: seed 0).
+
+  With ``optax.inject_hyperparams``, ``drop_fraction`` can be injected (a number is traced and
+  then decayed; a schedule's value at each step is used as α); list the integer arguments
+  (``update_every``, ``end_step``, an int ``key``) in ``static_args``. ``sparsity`` is only read
+  by ``init`` and must be concrete there.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a :class:`SparseTrainingState`.
@@ -240,7 +265,7 @@ def rigl(inner_tx: optax.GradientTransformation, *, sparsity: float, update_ever
 def set_training(inner_tx: optax.GradientTransformation, *, sparsity: float, update_every: int,
                  end_step: int, drop_fraction=0.3, distribution: str = "erk",
                  where: _tree.Where | None = None,
-                 key=0) -> optax.GradientTransformationExtraArgs:
+                 key=None) -> optax.GradientTransformationExtraArgs:
   """SET (Sparse Evolutionary Training): drop the smallest weights, regrow at random.
 
   Same as :func:`rigl` except that the ``k`` grown connections are drawn uniformly at random

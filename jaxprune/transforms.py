@@ -31,6 +31,7 @@ the masks in any nested optax state and :func:`replace_masks` puts masks into on
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -50,6 +51,11 @@ __all__ = [
 ]
 
 ScoreFn = Callable[..., Any]
+
+_NEVER = 2**31 - 1  # end_step=None: masks are updated for the whole training
+
+NO_PARAMS_MSG = ("This pruning transform needs the params: call tx.update(updates, state, params) "
+                 "(optax.apply_updates lands pruned weights on 0 by emitting -params).")
 
 
 class PruningState(NamedTuple):
@@ -79,7 +85,9 @@ def as_schedule(value, name: str = "sparsity") -> Callable[[jax.Array], jax.Arra
 
 
 def as_key(key) -> jax.Array:
-  """A typed PRNG key from a key (typed or raw uint32) or an integer seed (maybe traced)."""
+  """A typed PRNG key from a key (typed or raw uint32), an int seed (maybe traced) or None (0)."""
+  if key is None:
+    return jax.random.key(0)
   if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return key
   if isinstance(key, (jax.Array, np.ndarray)) and np.shape(key) == (2,):
@@ -193,11 +201,42 @@ def _score_with(accumulated, params, chosen):
 # ----------------------------------------------------------------------------- generic
 
 
+@functools.lru_cache(maxsize=128)
+def _masks_fn(score_fn, structure, scope, distribution, where, accumulate, straight_through):
+  """The jitted mask update of :func:`pruning` for one static configuration.
+
+  Cached, so that eager (un-jitted) training steps reuse one compilation, also when
+  ``inject_hyperparams`` rebuilds the transform at every step; inside a jitted step it is
+  simply inlined.
+  """
+  @jax.jit
+  def new_masks(updates, masks, acc, params, count, s, key_t, every, end):
+    _, chosen, where_p = selection(params, where)
+
+    def step_scores():
+      return score_fn(params, grads=updates, key=key_t, where=where_p)
+
+    if accumulate:
+      acc = _accumulate(acc, step_scores(), chosen)
+
+    def recompute(masks):
+      scores = _score_with(acc, params, chosen) if accumulate else step_scores()
+      if not straight_through:
+        scores = _nan_pruned(scores, masks, chosen)
+      alloc = allocate(params, s, distribution, where_p)
+      new = topk_mask(scores, alloc, structure=structure, scope=scope, where=where_p)
+      return new if straight_through else _and(new, masks)
+
+    return lax.cond((count % every == 0) & (count < end), recompute, lambda m: m, masks), acc
+
+  return new_masks
+
+
 def pruning(score_fn: ScoreFn, sparsity, *, inner_tx: optax.GradientTransformation | None = None,
-            update_every: int = 1, structure=None, scope: str = "layerwise",
-            distribution: str = "uniform", where: _tree.Where | None = None,
-            accumulate: bool = False, straight_through: bool = False,
-            key=0) -> optax.GradientTransformationExtraArgs:
+            update_every: int = 1, end_step: int | None = None, structure=None,
+            scope: str = "layerwise", distribution: str = "uniform",
+            where: _tree.Where | None = None, accumulate: bool = False,
+            straight_through: bool = False, key=None) -> optax.GradientTransformationExtraArgs:
   """Prunes by any score while training; the named pruning transforms are thin wrappers of it.
 
   Every ``update_every`` steps (step 0 included) the masks are recomputed from
@@ -219,6 +258,9 @@ def pruning(score_fn: ScoreFn, sparsity, *, inner_tx: optax.GradientTransformati
       :mod:`jaxprune.schedules`).
     inner_tx: the optimizer to wrap (for criteria that need raw gradients), or None.
     update_every: recompute masks when ``count % update_every == 0`` (may be traced).
+    end_step: no mask update from this step on (None: for the whole training). Masks that only
+      shrink do not change once the schedule is flat, so this mainly saves the work; with
+      ``straight_through=True`` it freezes the masks for the last steps.
     structure: a structure from :mod:`jaxprune.structure` (default unstructured). Static.
     scope: ``"layerwise"`` or ``"global"``. Static.
     distribution: ``"uniform"`` (every prunable leaf gets ``s``) or ``"erk"`` (per-leaf ERK
@@ -230,7 +272,13 @@ def pruning(score_fn: ScoreFn, sparsity, *, inner_tx: optax.GradientTransformati
       recomputed from scratch at each update step (pruned weights can return), and the
       training loop applies them in the forward pass with
       :func:`apply_masks_straight_through`. Static.
-    key: a PRNG key or int seed for random scores.
+    key: a PRNG key or int seed for random scores (None: seed 0).
+
+  With ``optax.inject_hyperparams``, list ``score_fn`` and the integer arguments you pass
+  (``update_every``, an int ``key``) in ``static_args``: inject_hyperparams would otherwise store
+  ints as weakly typed arrays that come back strongly typed, and a jitted step would trace twice.
+  ``sparsity`` (a number or schedule) is the hyperparameter to inject; pass
+  ``hyperparam_dtype=jnp.float32`` for bfloat16 params, or it is rounded to bfloat16.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`PruningState`.
@@ -266,32 +314,18 @@ def pruning(score_fn: ScoreFn, sparsity, *, inner_tx: optax.GradientTransformati
           for x, c in zip(jax.tree.leaves(params), chosen, strict=True)])
     return PruningState(jnp.zeros([], jnp.int32), masks, scores, inner_state)
 
+  new_masks = _masks_fn(score_fn, structure, scope, distribution, where, accumulate,
+                       straight_through)
+
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
-    _, chosen, where_p = selection(params, where)
+      raise ValueError(NO_PARAMS_MSG)
+    _, chosen, _ = selection(params, where)
     count = state.count
-    key_t = jax.random.fold_in(base_key, count)
-    s = sched(count)
-
-    def step_scores():
-      return score_fn(params, grads=updates, key=key_t, where=where_p)
-
-    acc = state.scores
-    if accumulate:
-      acc = _accumulate(state.scores, step_scores(), chosen)
-
-    def recompute(masks):
-      scores = _score_with(acc, params, chosen) if accumulate else step_scores()
-      if not straight_through:
-        scores = _nan_pruned(scores, masks, chosen)
-      alloc = allocate(params, s, distribution, where_p)
-      new = topk_mask(scores, alloc, structure=structure, scope=scope, where=where_p)
-      return new if straight_through else _and(new, masks)
-
-    is_update = count % jnp.asarray(update_every, jnp.int32) == 0
-    masks = lax.cond(is_update, recompute, lambda m: m, state.masks)
-
+    masks, acc = new_masks(updates, state.masks, state.scores, params, count, sched(count),
+                           jax.random.fold_in(base_key, count),
+                           jnp.asarray(update_every, jnp.int32),
+                           jnp.asarray(_NEVER if end_step is None else end_step, jnp.int32))
     inner_state = state.inner_state
     if inner_tx is not None:
       grads_in = updates if straight_through else mask_grads(masks, updates, chosen)
@@ -327,7 +361,8 @@ def _movement(params, *, grads, key, where):
   return movement_scores(params, grads, where=where)
 
 
-def magnitude_pruning(sparsity, *, update_every: int = 1, structure=None,
+def magnitude_pruning(sparsity, *, update_every: int = 1, end_step: int | None = None,
+                      structure=None,
                       scope: str = "layerwise", distribution: str = "uniform",
                       where: _tree.Where | None = None,
                       straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
@@ -341,6 +376,7 @@ def magnitude_pruning(sparsity, *, update_every: int = 1, structure=None,
     sparsity: a number in [0, 1], a 0-d array or a schedule (e.g.
       :func:`jaxprune.polynomial_schedule` for gradual pruning).
     update_every: recompute masks every this many steps.
+    end_step: no mask update from this step on (None: for the whole training).
     structure: :func:`jaxprune.unstructured` (default), ``n_of_m``, ``blocks``, ``channels``...
     scope: ``"layerwise"`` or ``"global"`` (one threshold over all prunable leaves).
     distribution: ``"uniform"`` or ``"erk"`` (layerwise only).
@@ -366,12 +402,13 @@ def magnitude_pruning(sparsity, *, update_every: int = 1, structure=None,
     Zhu and Gupta, "To prune, or not to prune", 2017 (gradual magnitude pruning);
     Han et al., "Learning both Weights and Connections for Efficient Neural Networks", 2015.
   """
-  return pruning(_magnitude, sparsity, update_every=update_every, structure=structure,
-                 scope=scope, distribution=distribution, where=where,
+  return pruning(_magnitude, sparsity, update_every=update_every, end_step=end_step,
+                 structure=structure, scope=scope, distribution=distribution, where=where,
                  straight_through=straight_through)
 
 
-def random_pruning(sparsity, *, key=0, update_every: int = 1, structure=None,
+def random_pruning(sparsity, *, key=None, update_every: int = 1,
+                   end_step: int | None = None, structure=None,
                    scope: str = "layerwise", distribution: str = "uniform",
                    where: _tree.Where | None = None,
                    straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
@@ -382,8 +419,8 @@ def random_pruning(sparsity, *, key=0, update_every: int = 1, structure=None,
 
   Args:
     sparsity: a number in [0, 1], a 0-d array or a schedule.
-    key: a PRNG key or an int seed.
-    update_every, structure, scope, distribution, where, straight_through: as in
+    key: a PRNG key or an int seed (None: seed 0).
+    update_every, end_step, structure, scope, distribution, where, straight_through: as in
       :func:`magnitude_pruning`.
 
   Returns:
@@ -400,14 +437,14 @@ def random_pruning(sparsity, *, key=0, update_every: int = 1, structure=None,
   References:
     Liu et al., "The Unreasonable Effectiveness of Random Pruning", ICLR 2022.
   """
-  return pruning(_random, sparsity, key=key, update_every=update_every, structure=structure,
-                 scope=scope, distribution=distribution, where=where,
+  return pruning(_random, sparsity, key=key, update_every=update_every, end_step=end_step,
+                 structure=structure, scope=scope, distribution=distribution, where=where,
                  straight_through=straight_through)
 
 
 def saliency_pruning(inner_tx: optax.GradientTransformation, sparsity, *, update_every: int = 1,
-                     structure=None, scope: str = "layerwise", distribution: str = "uniform",
-                     where: _tree.Where | None = None,
+                     end_step: int | None = None, structure=None, scope: str = "layerwise",
+                     distribution: str = "uniform", where: _tree.Where | None = None,
                      straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
   """Saliency (first-order Taylor, ``|w·g|``) pruning while training, wrapping ``inner_tx``.
 
@@ -418,7 +455,7 @@ def saliency_pruning(inner_tx: optax.GradientTransformation, sparsity, *, update
   Args:
     inner_tx: the optimizer (any optax transformation, learning rate included).
     sparsity: a number in [0, 1], a 0-d array or a schedule.
-    update_every, structure, scope, distribution, where, straight_through: as in
+    update_every, end_step, structure, scope, distribution, where, straight_through: as in
       :func:`magnitude_pruning`.
 
   Returns:
@@ -439,13 +476,14 @@ def saliency_pruning(inner_tx: optax.GradientTransformation, sparsity, *, update
     Lee et al., "SNIP: Single-shot Network Pruning based on Connection Sensitivity", ICLR 2019.
   """
   return pruning(_saliency, sparsity, inner_tx=inner_tx, update_every=update_every,
-                 structure=structure, scope=scope, distribution=distribution, where=where,
-                 straight_through=straight_through)
+                 end_step=end_step, structure=structure, scope=scope,
+                 distribution=distribution, where=where, straight_through=straight_through)
 
 
 def movement_pruning(inner_tx: optax.GradientTransformation, sparsity, *,
-                     update_every: int = 1, structure=None, scope: str = "layerwise",
-                     distribution: str = "uniform", where: _tree.Where | None = None,
+                     update_every: int = 1, end_step: int | None = None, structure=None,
+                     scope: str = "layerwise", distribution: str = "uniform",
+                     where: _tree.Where | None = None,
                      straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
   """Movement pruning, wrapping ``inner_tx``: keeps the weights moving away from zero.
 
@@ -456,7 +494,7 @@ def movement_pruning(inner_tx: optax.GradientTransformation, sparsity, *,
   Args:
     inner_tx: the optimizer (any optax transformation, learning rate included).
     sparsity: a number in [0, 1], a 0-d array or a schedule.
-    update_every, structure, scope, distribution, where, straight_through: as in
+    update_every, end_step, structure, scope, distribution, where, straight_through: as in
       :func:`magnitude_pruning`.
 
   Returns:
@@ -476,8 +514,9 @@ def movement_pruning(inner_tx: optax.GradientTransformation, sparsity, *,
     Sanh, Wolf and Rush, "Movement Pruning: Adaptive Sparsity by Fine-Tuning", NeurIPS 2020.
   """
   return pruning(_movement, sparsity, inner_tx=inner_tx, update_every=update_every,
-                 structure=structure, scope=scope, distribution=distribution, where=where,
-                 accumulate=True, straight_through=straight_through)
+                 end_step=end_step, structure=structure, scope=scope,
+                 distribution=distribution, where=where, accumulate=True,
+                 straight_through=straight_through)
 
 
 # ----------------------------------------------------------------------------- straight-through
@@ -516,7 +555,9 @@ def apply_masks_straight_through(params, masks):
   treedef = jax.tree.structure(params)
   out = []
   for p, m in zip(jax.tree.leaves(params), treedef.flatten_up_to(masks), strict=True):
-    if np.ndim(m) == 0 and not isinstance(m, jax.core.Tracer) and bool(m):
+    if np.ndim(m) == 0 and np.ndim(p) > 0:  # the scalar mask of a leaf that is not pruned
+      out.append(p)
+    elif np.ndim(m) == 0 and not isinstance(m, jax.core.Tracer) and bool(m):
       out.append(p)
     else:
       out.append(_ste(p, jnp.broadcast_to(m, np.shape(p))))

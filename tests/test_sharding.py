@@ -45,9 +45,18 @@ for kind in (AxisType.Auto, AxisType.Explicit):
       pruned = jax.jit(jp.apply_masks)(sharded, masks)
       assert pruned["a"].sharding.is_equivalent_to(sharded["a"].sharding, 2)
   print("ok", kind)
+
+# An Explicit mesh used without jax.set_mesh (shardings carried by the arrays alone).
+mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+sharded = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
+masks = jax.jit(lambda p: jp.topk_mask(jp.magnitude_scores(p), 0.95, scope="global"))(sharded)
+for leaf in ("a", "b", "c"):
+  np.testing.assert_array_equal(np.asarray(masks[leaf]), np.asarray(ref["ties"][leaf]))
+print("ok no-context")
 """
 
 
 def test_sharded_masks_equal_unsharded_and_keep_sharding():
   out = run_with_devices(CODE)
   assert "ok AxisType.Auto" in out and "ok AxisType.Explicit" in out, out
+  assert "ok no-context" in out, out
