@@ -50,7 +50,7 @@ def train_dense(model_name: str, steps: int, seed: int, *, batch_size: int = 128
 
 
 def _apply(graphdef, params, rest, x, *, train: bool):
-  model = nnx.merge(graphdef, params, rest)
+  model = nnx.merge(graphdef, params, rest, copy=True)
   view = models.train_view(model) if train else models.eval_view(model)
   logits = view(x)
   return logits, nnx.state(model, nnx.Not(nnx.Param))
