@@ -1,0 +1,90 @@
+"""The benchmark machinery: interleaved timing, the JSON schema a benchmark writes, and the
+README refresh. Runs one benchmark on a tiny size (seconds)."""
+import json
+
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import common, run_all
+from benchmarks import masks as masks_bench
+
+
+def test_interleaved_alternates_and_returns_repeats_samples():
+  calls = []
+  fns = {"a": lambda: calls.append("a") or jnp.zeros(()),
+         "b": lambda: calls.append("b") or jnp.ones(())}
+  t = common.interleaved(fns, repeats=5, warmup=1)
+  # Warm-up round, then rounds whose order rotates: a b | a b, b a, a b, b a, a b.
+  assert calls == ["a", "b"] + ["a", "b", "b", "a"] * 2 + ["a", "b"]
+  for name in "ab":
+    assert len(t[name].samples) == 5
+    assert all(s > 0 for s in t[name].samples)
+    assert t[name].min <= t[name].median <= max(t[name].samples)
+
+
+def test_interleaved_number_per_method_and_minimum_repeats():
+  counts = {"a": 0, "b": 0}
+
+  def bump(k):
+    counts[k] += 1
+    return jnp.zeros(())
+
+  common.interleaved({"a": lambda: bump("a"), "b": lambda: bump("b")}, repeats=5, warmup=0,
+                     number={"a": 3})
+  assert counts == {"a": 15, "b": 5}
+  with pytest.raises(ValueError, match="at least 5"):
+    common.interleaved({"a": lambda: 0}, repeats=4)
+
+
+def test_ratio_is_median_of_paired_ratios():
+  t = {"a": common.Timing("a", [2.0, 9.0, 3.0, 4.0, 5.0]),
+       "b": common.Timing("b", [1.0, 1.0, 1.0, 2.0, 1.0])}
+  # Per-round ratios 2, 9, 3, 2, 5 -> median 3 (the ratio of medians would be 4).
+  assert common.ratio(t, "a", "b") == 3.0
+
+
+def test_masks_benchmark_writes_schema(tmp_path):
+  rows = masks_bench.main(["--sizes", "tiny", "--repeats", "5", "--out-dir", str(tmp_path)])
+  with open(tmp_path / "masks.json") as f:
+    doc = json.load(f)
+  assert doc["schema"] == common.SCHEMA_VERSION and doc["benchmark"] == "masks"
+  for key in ("cpu_model", "usable_cores", "jax", "jaxlib", "optax", "flax", "backend",
+              "device_count"):
+    assert doc["machine"][key] is not None, key
+  assert doc["config"]["repeats"] == 5
+  by_method = {r["method"]: r for r in doc["rows"]}
+  assert set(by_method) == {name for name, _, _ in masks_bench.METHODS}
+  assert len(rows) == len(doc["rows"])
+  for r in doc["rows"]:
+    assert len(r["samples_s"]) == 5 and r["median_s"] > 0
+    assert r["vs_floor"] > 0 and r["temp_bytes"] is not None
+  assert by_method["floor"]["vs_floor"] == 1.0
+  n_leaves, shape = masks_bench.SIZES["tiny"]
+  n = n_leaves * shape[0] * shape[1]
+  per_leaf = shape[0] * shape[1]
+  # Exact counts, and the same masks as the argsort baselines.
+  assert by_method["jaxprune global"]["kept"] == n - round(0.9 * n)
+  assert by_method["jaxprune layerwise"]["kept"] == n_leaves * (per_leaf - round(0.9 * per_leaf))
+  assert by_method["jaxprune 2:4"]["kept"] == n // 2
+  for name in ("jaxprune global", "jaxprune layerwise", "jaxprune 2:4"):
+    assert by_method[name]["masks_equal_naive"] is True, name
+    assert by_method[name]["speedup_vs_naive"] > 0
+  md = (tmp_path / "masks.md").read_text()
+  assert md.startswith("## Mask computation") and "| params | method |" in md
+
+
+def test_update_readme_replaces_marked_blocks(tmp_path):
+  results = tmp_path / "results"
+  results.mkdir()
+  (results / "masks.md").write_text("## Title\n\n| a |\n|---|\n| 1 |\n")
+  (results / "scaling.md").write_text("## Scaling\n\n![plot](scaling.png)\n")
+  readme = tmp_path / "README.md"
+  readme.write_text("intro\n<!-- results:masks -->\nold\n<!-- /results:masks -->\nend\n"
+                    "<!-- results:scaling -->\nold\n<!-- /results:scaling -->\n"
+                    "<!-- results:state_memory -->\nkeep\n<!-- /results:state_memory -->\n")
+  done = run_all.update_readme(str(results), str(readme))
+  assert done == ["masks", "scaling"]
+  assert readme.read_text() == (
+      "intro\n<!-- results:masks -->\n| a |\n|---|\n| 1 |\n<!-- /results:masks -->\nend\n"
+      "<!-- results:scaling -->\n![plot](results/scaling.png)\n<!-- /results:scaling -->\n"
+      "<!-- results:state_memory -->\nkeep\n<!-- /results:state_memory -->\n")
