@@ -1,20 +1,14 @@
 """SET: sparse from the start, drop the smallest weights and regrow at random.
 
 ``jp.set_training(adam, sparsity=..., update_every=..., end_step=..., drop_fraction=...,
-distribution=...)``.
+distribution=...)``. Same schedule as the RigL recipe; only the regrowth rule differs.
 """
 
-from train.configs import default
+from train.configs import rigl
 
 
 def get_config():
   """90% sparse (ERK) throughout; connectivity updated every 100 steps until 75%."""
-  config = default.get_config()
-  p = config.pruning
-  p.method = "set"
-  p.sparsity = 0.9
-  p.update_every = 100
-  p.end_step = config.get_ref("num_steps") * 3 // 4
-  p.drop_fraction = 0.3
-  p.distribution = "erk"
+  config = rigl.get_config()
+  config.pruning.method = "set"
   return config
