@@ -4,6 +4,10 @@
 Run: ``python -m benchmarks.run_all [--quick] [--only masks step_overhead ...]``.
 With ``--quick`` each script runs its ~1-minute version and writes to
 ``benchmarks/results/quick/``; the README is refreshed only from full runs.
+
+Every script listed in :data:`BENCHMARKS` takes ``--quick`` (the flags of ``common.parser``).
+A results file whose README has no ``<!-- results:NAME -->`` block is written but copied nowhere
+(``surgery_speed`` and ``fairness`` are discussed in the top-level README and ``docs/costs.md``).
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ import time
 
 from benchmarks import common
 
-BENCHMARKS = ["masks", "step_overhead", "accuracy", "state_memory", "scaling"]
+BENCHMARKS = ["masks", "step_overhead", "accuracy", "state_memory", "scaling", "surgery_speed",
+              "fairness"]
+"""Every benchmark script, in the order ``run_all`` runs them."""
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 

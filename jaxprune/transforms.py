@@ -581,12 +581,23 @@ def _is_variable(x) -> bool:
   return callable(getattr(x, "get_value", None)) and not isinstance(x, jax.Array)
 
 
+def _rewrap(old, value):
+  """``value`` in the wrapper ``old`` had: the same NNX ``Variable`` class and metadata."""
+  return old.replace(value) if _is_variable(old) else value
+
+
 def masks_from_state(opt_state):
   """The keep-masks held anywhere inside a (nested) optax state.
 
   Looks through ``optax.chain``, ``MultiSteps``, ``inject_hyperparams``, wrappers and an
   ``nnx.Optimizer``'s ``opt_state`` for the state of a jaxprune transform. If several are found
   (e.g. two pruning links on different leaves), their masks are combined with logical AND.
+
+  The masks are always plain bool arrays: in an ``nnx.Optimizer``'s ``opt_state`` (whose leaves
+  are Flax NNX ``Variable`` wrappers such as ``nnx.OptVariable``), the wrappers are removed and
+  the containers kept, so the result is an ``nnx.State`` of arrays shaped like
+  ``nnx.state(model, nnx.Param)``, ready for :func:`jaxprune.apply_masks` or
+  :func:`replace_masks`.
 
   Raises:
     ValueError: if the state holds no jaxprune pruning state.
@@ -616,8 +627,17 @@ def replace_masks(opt_state, masks):
   """A copy of ``opt_state`` whose jaxprune pruning states hold ``masks`` (e.g. a lottery
   ticket's, to train the next round with them).
 
-  ``masks`` must have the tree of the masks in the state, and each leaf the shape of the mask it
-  replaces (scalar ``True`` for unpruned leaves).
+  ``masks`` must have the tree of the masks in the state (as :func:`masks_from_state` returns
+  it), and each leaf the shape of the mask it replaces (scalar ``True`` for unpruned leaves).
+
+  Each replaced mask keeps the wrapper it had in ``opt_state``: in an ``nnx.Optimizer``'s
+  ``opt_state``, whose leaves are Flax NNX ``Variable`` wrappers (``nnx.OptVariable``), the new
+  mask is the same ``Variable`` class with the same metadata and the new value, so the result
+  goes wherever the original went and ``nnx.state(optimizer)`` keeps its structure:
+  ``optimizer.opt_state = jp.replace_masks(optimizer.opt_state, masks)``, or in place
+  ``nnx.update(optimizer.opt_state, nnx.state(jp.replace_masks(optimizer.opt_state, masks)))``.
+  Masks given as ``Variable`` wrappers are unwrapped first. The result shares no ``Variable``
+  with ``opt_state``.
 
   Examples:
     >>> import jax.numpy as jnp, optax, jaxprune as jp
@@ -629,6 +649,8 @@ def replace_masks(opt_state, masks):
     Array([[0.9, 0. ],
            [2.7, 3.6]], dtype=float32)
   """
+  masks = jax.tree.map(_unwrap, masks, is_leaf=_is_variable)
+
   def swap(x):
     if not _is_pruning_state(x):
       return x
@@ -639,11 +661,14 @@ def replace_masks(opt_state, masks):
       if np.shape(o) != np.shape(m) or getattr(m, "dtype", None) != jnp.bool_:
         raise ValueError(f"mask for '{p}' must be bool of shape {np.shape(o)}, got "
                          f"{getattr(m, 'dtype', type(m))} of shape {np.shape(m)}.")
-    new = jax.tree.map(lambda o, m: jnp.asarray(m, bool), old, masks)
+    # Map over the state's own masks (stopping at Variable wrappers) to keep each wrapper.
+    new = jax.tree.map(lambda o, m: _rewrap(o, jnp.asarray(m, bool)), x.masks, masks,
+                       is_leaf=_is_variable)
     return x._replace(masks=new)
 
   found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_pruning_state)
            if _is_pruning_state(x)]
   if not found:
     raise ValueError("opt_state holds no jaxprune pruning state to put masks into.")
-  return jax.tree.map(swap, opt_state, is_leaf=_is_pruning_state)
+  # Rebuilding the whole tree copies its Variable wrappers: the result shares none with opt_state.
+  return jax.tree.map(swap, jax.tree.map(lambda x: x, opt_state), is_leaf=_is_pruning_state)

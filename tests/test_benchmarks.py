@@ -1,6 +1,8 @@
 """The benchmark machinery: interleaved timing, the JSON schema a benchmark writes, and the
 README refresh. Runs one benchmark on a tiny size (seconds)."""
 import json
+import pathlib
+import types
 
 import jax.numpy as jnp
 import pytest
@@ -88,3 +90,19 @@ def test_update_readme_replaces_marked_blocks(tmp_path):
       "intro\n<!-- results:masks -->\n| a |\n|---|\n| 1 |\n<!-- /results:masks -->\nend\n"
       "<!-- results:scaling -->\n![plot](results/scaling.png)\n<!-- /results:scaling -->\n"
       "<!-- results:state_memory -->\nkeep\n<!-- /results:state_memory -->\n")
+
+
+def test_run_all_lists_every_benchmark_script(monkeypatch):
+  # Every script of benchmarks/ that runs as a program is run by run_all, with --quick too.
+  folder = pathlib.Path(run_all.__file__).parent
+  scripts = sorted(f.stem for f in folder.glob("*.py") if f.stem != "run_all"
+                   and 'if __name__ == "__main__":' in f.read_text())
+  assert sorted(run_all.BENCHMARKS) == scripts
+  assert {"surgery_speed", "fairness"} <= set(scripts)
+  for name in scripts:  # common.parser gives every script --quick, --repeats, --out-dir
+    assert "common.parser(" in (folder / f"{name}.py").read_text(), name
+  commands = []
+  monkeypatch.setattr(run_all.subprocess, "run", lambda cmd, **kw: commands.append(cmd[1:])
+                      or types.SimpleNamespace(returncode=0))
+  run_all.main(["--quick"])
+  assert commands == [["-m", f"benchmarks.{name}", "--quick"] for name in run_all.BENCHMARKS]

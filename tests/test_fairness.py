@@ -267,7 +267,8 @@ def test_analyze_synthetic_workdir(tmp_path):
   assert "| pruned | 0.8 | 2 | 0.700 ± 0.000 | 0.000 ± 0.000 | 1.000 ± 0.000 |" in md
   assert "| minority drop | — | +1.000 ± 0.000 | +0.000 ± 0.000 | -1.000 |" in md
   assert "| PIEs vs dense population | — | 3 | 1 | -2 |" in md
-  assert "Final multipliers λ (mean over seeds, sparsity 0.8): 0.500, 0.000, 0.250" in md
+  assert ("Final multipliers λ of pruned+mitigation (mean over seeds, sparsity 0.8): 0.500, "
+          "0.000, 0.250") in md
   assert "3 pruning-identified exemplars of 10 examples" in md
   assert "the same masks as pruned" in md
   overlap = md.split("## Mask overlap")[1]

@@ -1,4 +1,5 @@
-"""Tests for train/models.py: shapes, one jitted training step, BatchNorm modes, bad input."""
+"""Tests for train/models.py: shapes, one jitted training step, BatchNorm modes, bad input,
+hashable graphdefs, and RNN hidden units that surgery can shrink."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,8 @@ import optax
 import pytest
 from flax import nnx
 
+import jaxprune as jp
+from jaxprune import surgery
 from train import models
 
 SEQ, IMG = (40,), (8, 8, 1)
@@ -177,3 +180,36 @@ def test_same_seed_same_model():
 def test_bad_arguments_raise(name, shape, kwargs, match):
   with pytest.raises(ValueError, match=match):
     models.create_model(name, input_shape=shape, num_classes=10, rngs=nnx.Rngs(0), **kwargs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_graphdef_is_hashable(name):
+  # A graphdef is a static argument of jitted functions (jax.jit(..., static_argnums)): every
+  # model's, in both modes, must hash, and equal models' graphdefs must be equal with one hash.
+  make = lambda: nnx.eval_shape(lambda: models.create_model(
+      name, input_shape=IMG if name == "cnn" else SEQ, num_classes=10, rngs=nnx.Rngs(0)))
+  a, b = make(), make()
+  for view in (lambda m: m, models.eval_view):
+    da, db = nnx.graphdef(view(a)), nnx.graphdef(view(b))
+    assert da == db and hash(da) == hash(db)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_rnn_hidden_units_shrink(cell):
+  # The carry is sized by the cell (not a copy of `hidden`), so surgery can remove hidden units.
+  model = models.eval_view(models.create_model(
+      "rnn", input_shape=SEQ, num_classes=10, rngs=_rngs(), hidden=8, cell=cell))
+  x, _ = _batch(SEQ, n=4)
+  fn, state = surgery.module_fn(model)
+  groups = [g for g in surgery.channel_groups(fn, state, x) if g.prunable]
+  assert [(g.name.split("/")[-2], g.size) for g in groups] == [
+      ("dense_i" if cell == "gru" else "ii", 8)]
+  masks = surgery.group_masks(groups, state, 0.5)
+  small = surgery.shrink_module(model, masks, x)
+  masked = nnx.merge(nnx.graphdef(model), jp.apply_masks(state, masks))
+  other, _ = _batch((24,), n=3, seed=1)  # another batch size and sequence length
+  np.testing.assert_allclose(np.asarray(_jit_call(small, other)),
+                             np.asarray(_jit_call(masked, other)), rtol=1e-5, atol=1e-5)
+  assert small.hidden == small.rnn.cell.hidden_features == small.head.in_features == 4
+  count = lambda m: sum(np.size(v) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  assert count(small) < count(model)

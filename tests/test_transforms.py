@@ -248,6 +248,65 @@ def test_replace_masks():
     jp.replace_masks(state, bad)
 
 
+def test_replace_masks_in_nnx_optimizer():
+  """In an ``nnx.Optimizer``'s opt_state (leaves wrapped in NNX Variables) ``replace_masks`` keeps
+  each mask's Variable class and metadata, so the result goes back into the optimizer as it is;
+  ``masks_from_state`` gives plain arrays; after one update the weights are exactly 0 where the
+  new masks are False."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.a = nnx.Linear(12, 10, rngs=rngs)
+      self.b = nnx.Linear(10, 6, rngs=rngs)
+
+    def __call__(self, x):
+      return self.b(jax.nn.relu(self.a(x)))
+
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.chain(optax.adam(1e-3), jp.magnitude_pruning(0.5)),
+                            wrt=nnx.Param)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  before = jax.tree.structure(nnx.state(optimizer))
+  masks = jp.topk_mask(jp.random_scores(nnx.as_pure(nnx.state(model, nnx.Param)),
+                                        jax.random.key(1)), 0.7)
+  state = jp.replace_masks(optimizer.opt_state, masks)
+
+  old_vars = jax.tree.leaves(optimizer.opt_state[1].masks, is_leaf=is_var)
+  new_vars = jax.tree.leaves(state[1].masks, is_leaf=is_var)
+  assert [type(v) for v in new_vars] == [nnx.OptVariable] * 4
+  assert [v.get_metadata() for v in new_vars] == [v.get_metadata() for v in old_vars]
+  assert jax.tree.structure(state) == jax.tree.structure(optimizer.opt_state)
+  # A copy: the optimizer's own masks are untouched.
+  assert all(bool(jnp.all(m)) for m in jax.tree.leaves(jp.masks_from_state(optimizer.opt_state)))
+  found = jp.masks_from_state(state)
+  assert [type(m) for m in jax.tree.leaves(found, is_leaf=is_var)] == [type(jnp.ones(()))] * 4
+  chex.assert_trees_all_equal(found, masks)
+
+  optimizer.opt_state = state
+  assert jax.tree.structure(nnx.state(optimizer)) == before
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+
+  step(model, optimizer, jnp.ones((4, 12)))
+  assert jax.tree.structure(nnx.state(optimizer)) == before
+  chex.assert_trees_all_equal(jp.masks_from_state(optimizer.opt_state), masks)  # 0.7 > 0.5
+  for name, pruned in (("a", 84), ("b", 42)):
+    kernel = np.asarray(getattr(model, name).kernel[...])
+    keep = np.asarray(masks[name]["kernel"])
+    assert int((~keep).sum()) == pruned
+    np.testing.assert_array_equal(kernel[~keep], 0.0)
+    assert np.all(kernel[keep] != 0)
+  # In place, into the optimizer's own Variables.
+  more = jp.topk_mask(jp.magnitude_scores(nnx.as_pure(nnx.state(model, nnx.Param))), 0.8)
+  nnx.update(optimizer.opt_state, nnx.state(jp.replace_masks(optimizer.opt_state, more)))
+  assert jax.tree.structure(nnx.state(optimizer)) == before
+  chex.assert_trees_all_equal(jp.masks_from_state(optimizer.opt_state), more)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("make, message", [

@@ -54,6 +54,7 @@ __all__ = ["Run", "Workdir", "analyze", "load_workdir", "main", "seed_metrics", 
 
 MITIGATED = "pruned+mitigation"
 PRUNED = "pruned"
+MITIGATION_SUFFIX, CONTROL_SUFFIX = "+mitigation", "+finetune"
 
 # (key, header, is a change vs the reference) for the summary table, in order.
 SUMMARY_COLUMNS = (
@@ -122,12 +123,54 @@ class Workdir:
     return found[0] if found else None
 
 
+def _flat(tree) -> dict[str, np.ndarray]:
+  paths, leaves, _ = _tree.flatten(tree)
+  return {p: np.asarray(leaf) for p, leaf in zip(paths, leaves, strict=True)}
+
+
+def save_run_file(path: str | os.PathLike, *, logits, labels=None, params=None, rest=None,
+                  masks=None, multipliers=None, train_class_loss=None) -> None:
+  """Writes one run's ``.npz`` in the format of the module docstring (compressed).
+
+  ``params``, ``rest`` and ``masks`` are pytrees (stored by :func:`jaxprune._tree.path_str`
+  path; masks of unpruned leaves, scalars, are left out); ``labels`` are the evaluation labels
+  the logits are for (written by the main loop, checked when read).
+
+  Examples:
+    >>> import os, tempfile, numpy as np
+    >>> from train.analyze import save_run_file
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.npz")
+    >>> save_run_file(path, logits=np.zeros((2, 3)), masks={"w": np.array([True, False]),
+    ...                                                     "b": np.bool_(True)})
+    >>> sorted(np.load(path).files)
+    ['logits', 'masks/w']
+  """
+  arrays = {"logits": np.asarray(logits, np.float32)}
+  if labels is not None:
+    arrays["label"] = np.asarray(labels, np.int32)
+  for prefix, tree in (("params", params), ("rest", rest)):
+    if tree is not None:
+      arrays.update({f"{prefix}/{p}": v for p, v in _flat(tree).items()})
+  if masks is not None:
+    arrays.update({f"masks/{p}": np.asarray(v, bool) for p, v in _flat(masks).items()
+                   if np.ndim(v) > 0})
+  if multipliers is not None:
+    arrays["multipliers"] = np.asarray(multipliers, np.float32)
+  if train_class_loss is not None:
+    arrays["train_class_loss"] = np.asarray(train_class_loss, np.float32)
+  np.savez_compressed(path, **arrays)
+
+
 def _prefixed(z, prefix: str) -> dict[str, np.ndarray]:
   return {k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}
 
 
 def load_workdir(path: str | os.PathLike) -> Workdir:
-  """Reads ``config.json``, ``test_data.npz``, ``runs.json`` and every run file.
+  """Reads a workdir: ``runs.json`` and its files, or the ``python -m train`` runs under it.
+
+  A directory with ``runs.json`` is read as the module docstring says. Any other directory is
+  searched (recursively, itself included) for runs of the main loop
+  (:func:`_load_train_runs`).
 
   Raises:
     ValueError: a missing file or field, or logits whose shape does not match the labels.
@@ -146,6 +189,8 @@ def load_workdir(path: str | os.PathLike) -> Workdir:
     (1, 2)
   """
   path = os.fspath(path)
+  if not os.path.exists(os.path.join(path, "runs.json")):
+    return _load_train_runs(path)
   for name in ("config.json", "test_data.npz", "runs.json"):
     if not os.path.exists(os.path.join(path, name)):
       raise ValueError(f"workdir: {path} has no {name} (see train.analyze's docstring)")
@@ -172,6 +217,115 @@ def load_workdir(path: str | os.PathLike) -> Workdir:
                       params=_prefixed(z, "params/"), rest=_prefixed(z, "rest/"),
                       arrays={k: z[k] for k in z.files if "/" not in k}, record=dict(rec)))
   return Workdir(path=path, config=config, x=x, labels=labels, runs=runs)
+
+
+PREDICTIONS = "predictions.npz"  # = train.train.PREDICTIONS (not imported: keeps this light)
+BEFORE_MITIGATION = "predictions_before_mitigation.npz"
+# Settings that must agree across the runs compared (else the comparison means nothing).
+_SHARED_SETTINGS = ("dataset", "model", "imbalance")
+
+
+def _run_from_file(file: str, method: str, sparsity: float, seed: int, num_classes: int | None,
+                   labels: np.ndarray | None) -> Run:
+  with np.load(file) as z:
+    logits = z["logits"]
+    if num_classes is not None and logits.shape[1:] != (num_classes,):
+      raise ValueError(f"{file}: logits have {logits.shape[1:]} classes, expected {num_classes}")
+    if labels is not None and ("label" not in z.files or not np.array_equal(z["label"], labels)):
+      raise ValueError(f"{file}: its labels differ from the test split's")
+    return Run(method=method, sparsity=sparsity, seed=seed, logits=logits,
+               masks=_prefixed(z, "masks/"), params=_prefixed(z, "params/"),
+               rest=_prefixed(z, "rest/"), arrays={k: z[k] for k in z.files if "/" not in k},
+               record={"file": file})
+
+
+def _test_split(config: dict) -> tuple[np.ndarray, np.ndarray]:
+  """The test split of ``config["dataset"]`` in the order the main loop evaluates it."""
+  from train import input_pipeline
+
+  ds = input_pipeline.get_datasets(config["dataset"], batch_size=1, seed=0,
+                                   eval_batch_size=1000, data_dir=config.get("data_dir"),
+                                   in_memory=False)
+  batches = list(ds.test)
+  return (np.concatenate([b["x"][b["mask"]] for b in batches]),
+          np.concatenate([b["label"][b["mask"]] for b in batches]))
+
+
+def _load_train_runs(path: str) -> Workdir:
+  """The runs of ``python -m train`` found under ``path`` (each a directory holding
+  ``config.json`` and ``predictions.npz``), as one :class:`Workdir`.
+
+  Each run gives a :class:`Run` named by its ``pruning.method`` (``dense`` is the reference,
+  sparsity 0) at ``pruning.sparsity`` and ``seed``. A run with a ``mitigate`` phase gives two:
+  the pruned model before it (``predictions_before_mitigation.npz``, named by the method) and
+  after it (``<method>+mitigation``, or ``<method>+finetune`` for the unconstrained control
+  arm). Runs that name the same (method, sparsity, seed) must have the same logits (e.g. the
+  pruned model before mitigation in a mitigated and a control run); they are read once. The
+  test inputs are read from the dataset (``dataset``, ``data_dir`` of the configs).
+
+  Raises:
+    ValueError: no run found; runs that differ in dataset, model or imbalance; two different
+      runs under one name; labels that do not match the test split.
+  """
+  found = sorted(root for root, _, files in os.walk(path)
+                 if PREDICTIONS in files and "config.json" in files)
+  if not found:
+    raise ValueError(f"workdir: {path} has no runs.json and no run of `python -m train` "
+                     f"(a directory with config.json and {PREDICTIONS}) under it")
+  configs = {}
+  for d in found:
+    with open(os.path.join(d, "config.json")) as f:
+      configs[d] = json.load(f)
+  first = configs[found[0]]
+  for d, c in configs.items():
+    for key in _SHARED_SETTINGS:
+      a, b = c.get(key), first.get(key)
+      if key == "model":
+        a, b = (a, c["model_kwargs"].get(a)), (b, first["model_kwargs"].get(b))
+      if a != b:
+        raise ValueError(f"workdir: runs {found[0]} and {d} differ in `{key}` ({b} vs {a}); "
+                         "compare runs of one setting only")
+  x, labels = _test_split(first)
+  runs: dict[tuple[str, float, int], Run] = {}
+
+  def add(run: Run) -> None:
+    key = (run.method, run.sparsity, run.seed)
+    if key in runs:
+      if not np.allclose(runs[key].logits, run.logits, atol=1e-5):
+        raise ValueError(f"workdir: {runs[key].record['file']} and {run.record['file']} are "
+                         f"both {key} but their logits differ")
+      return
+    runs[key] = run
+
+  mitigation = None
+  num_classes = None
+  for d in found:
+    c = configs[d]
+    method = c["pruning"]["method"]
+    sparsity = 0.0 if method == "dense" else float(c["pruning"]["sparsity"])
+    seed = int(c["seed"])
+    final = os.path.join(d, PREDICTIONS)
+    before = os.path.join(d, BEFORE_MITIGATION)
+    after_method = method
+    if os.path.exists(before):
+      add(_run_from_file(before, method, sparsity, seed, num_classes, labels))
+      constrained = c.get("mitigation", {}).get("constrained", True)
+      after_method = method + ("+mitigation" if constrained else "+finetune")
+      if constrained:
+        mitigation = c["mitigation"]
+    run = _run_from_file(final, after_method, sparsity, seed, num_classes, labels)
+    num_classes = run.logits.shape[1]
+    add(run)
+  imbalance = first.get("imbalance") or {}
+  config = {"num_classes": num_classes, "dataset": first["dataset"], "model": first["model"],
+            "model_kwargs": first["model_kwargs"].get(first["model"], {}),
+            "input_shape": list(x.shape[1:]),
+            "minority_classes": list(imbalance.get("classes") or []),
+            "keep_fraction": imbalance.get("keep_fraction"), "reference_method": "dense",
+            "runs": found}
+  if mitigation:
+    config.update({k: mitigation[k] for k in ("epsilon", "dual_lr", "groups")})
+  return Workdir(path=path, config=config, x=x, labels=labels, runs=list(runs.values()))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -264,9 +418,11 @@ def summary_rows(wd: Workdir) -> list[dict[str, Any]]:
                 for r in ref_runs]
     rows.append(_aggregate(wd.reference, 0.0, [r.seed for r in ref_runs], per_seed))
   for method, s in wd.arms():
-    runs = [r for r in wd.select(method, s) if wd.reference_run(r.seed) is not None]
+    runs = wd.select(method, s)
     per_seed = [seed_metrics(wd.reference_run(r.seed).logits, r.logits, wd.labels, wd.minority,
-                             wd.num_classes) for r in runs]
+                             wd.num_classes) if wd.reference_run(r.seed) is not None
+                else _dense_metrics(r.logits, wd.labels, wd.minority, wd.num_classes)
+                for r in runs]  # without a reference for its seed: absolute metrics only
     row = _aggregate(method, s, [r.seed for r in runs], per_seed)
     pies = _pies(wd, method, s)
     if pies is not None:
@@ -332,28 +488,50 @@ def summary_table(rows: Sequence[dict], *, with_minority: bool = True) -> str:
   return _table(header, body)
 
 
-def mitigation_table(rows: Sequence[dict], sparsity: float) -> str | None:
-  """Before (pruned) / after (pruned+mitigation) on every summary metric at ``sparsity``."""
+def mitigation_arms(rows: Sequence[dict], method: str,
+                    sparsity: float) -> tuple[dict | None, dict | None, dict | None]:
+  """``(pruned, control, mitigated)`` summary rows of a ``<base>+mitigation`` method.
+
+  ``pruned`` is ``<base>`` (the pruned model the mitigation started from, or in
+  :mod:`train.fairness` the plainly fine-tuned one), ``control`` is ``<base>+finetune`` (the
+  same fine-tuning without constraints) if present, else None.
+  """
+  base = method[:-len(MITIGATION_SUFFIX)] if method.endswith(MITIGATION_SUFFIX) else method
   by = {(r["method"], r["sparsity"]): r for r in rows}
-  before, after = by.get((PRUNED, sparsity)), by.get((MITIGATED, sparsity))
+  return (by.get((base, sparsity)), by.get((base + CONTROL_SUFFIX, sparsity)),
+          by.get((method, sparsity)))
+
+
+def mitigation_table(rows: Sequence[dict], sparsity: float,
+                     method: str = MITIGATED) -> str | None:
+  """Every summary metric at ``sparsity``: dense, pruned (before), the unconstrained control
+  (if any) and ``method`` (after), and the change the mitigation made (after minus control,
+  or minus before when there is no control)."""
+  before, control, after = mitigation_arms(rows, method, sparsity)
   if before is None or after is None:
     return None
+  baseline = control if control is not None else before
   dense = rows[0] if rows and rows[0]["sparsity"] == 0.0 else {}
   body = []
   for key, header, change in SUMMARY_COLUMNS:
-    if f"{key}_mean" not in before:
+    if f"{key}_mean" not in before or f"{key}_mean" not in after:
       continue
-    delta = after[f"{key}_mean"] - before[f"{key}_mean"]
-    body.append([header, _pm(dense, key) if dense and not change else "—",
-                 _pm(before, key, signed=change), _pm(after, key, signed=change),
-                 f"{delta:+.3f}"])
+    delta = after[f"{key}_mean"] - baseline[f"{key}_mean"]
+    cells = [header, _pm(dense, key) if dense and not change else "—",
+             _pm(before, key, signed=change)]
+    cells += [_pm(control, key, signed=change)] if control is not None else []
+    body.append(cells + [_pm(after, key, signed=change), f"{delta:+.3f}"])
   for key, header in (("pies", "PIEs vs dense population"),
                       ("pies_minority", "PIEs in minority classes")):
-    if key in before and key in after:
-      body.append([header, "—", str(before[key]), str(after[key]),
-                   f"{after[key] - before[key]:+d}"])
-  return _table(["metric", "dense", "pruned (before)", "pruned+mitigation (after)",
-                 "after − before"], body)
+    if key in before and key in after and key in baseline:
+      cells = [header, "—", str(before[key])]
+      cells += [str(control[key])] if control is not None else []
+      body.append(cells + [str(after[key]), f"{after[key] - baseline[key]:+d}"])
+  header = ["metric", "dense", f"{before['method']} (before)"]
+  header += [f"{control['method']} (control)"] if control is not None else []
+  header += [f"{after['method']} (after)",
+             "after − control" if control is not None else "after − before"]
+  return _table(header, body)
 
 
 def _class_names(wd: Workdir) -> list[str]:
@@ -534,32 +712,35 @@ def analyze(workdir: str | os.PathLike, out_dir: str | os.PathLike | None = None
          summary_table(rows, with_minority=bool(wd.minority)), ""]
 
   sparsities = sorted({s for _, s in wd.arms()})
-  if any(m == MITIGATED for m, _ in wd.arms()):
+  mitigated = sorted({m for m, _ in wd.arms() if m.endswith(MITIGATION_SUFFIX)})
+  if mitigated:
     md += ["## Mitigation: before / after", "",
-           f"Fine-tuning of the same pruned model under per-group loss constraints "
+           f"Fine-tuning of the pruned model, masks fixed, under per-group loss constraints "
            f"`L_g − L ≤ ε` (groups: {cfg.get('groups', 'classes')}, ε = "
            f"{cfg.get('epsilon', '?')}, dual step size {cfg.get('dual_lr', '?')}; Lagrange "
-           "multipliers updated by projected dual ascent after every step), against plain "
-           "fine-tuning of the same pruned model for the same number of steps on the same "
-           "batches.", ""]
-    for s in sparsities:
-      t = mitigation_table(rows, s)
-      if t:
-        md += [f"Sparsity {s:g}:", "", t, ""]
-    lam = [r.arrays["multipliers"] for r in wd.runs if r.method == MITIGATED
-           and "multipliers" in r.arrays and r.sparsity == sparsities[-1]]
-    if lam:
-      md += [f"Final multipliers λ (mean over seeds, sparsity {sparsities[-1]:g}): "
-             + ", ".join(f"{v:.3f}" for v in np.mean(lam, axis=0)), ""]
-    tl = {m: [r.arrays["train_class_loss"] for r in wd.select(m, s)
-              if "train_class_loss" in r.arrays]
-          for m, s in ((PRUNED, sparsities[-1]), (MITIGATED, sparsities[-1]))}
-    if all(tl.values()):
-      names = _class_names(wd)
-      md += ["Training loss per class at the end (mean over seeds):", "",
-             _table(["method"] + names,
-                    [[m] + [f"{v:.3f}" for v in np.mean(v_, axis=0)] for m, v_ in tl.items()]),
-             ""]
+           "multipliers updated by projected dual ascent after every step). *Before*: the "
+           "pruned model it starts from; *control* (when present): the same fine-tuning "
+           "without constraints, same steps and batches.", ""]
+    for method in mitigated:
+      for s in sparsities:
+        t = mitigation_table(rows, s, method)
+        if t:
+          md += [f"{method}, sparsity {s:g}:", "", t, ""]
+      lam = [r.arrays["multipliers"] for r in wd.runs if r.method == method
+             and "multipliers" in r.arrays and r.sparsity == sparsities[-1]]
+      if lam:
+        md += [f"Final multipliers λ of {method} (mean over seeds, sparsity "
+               f"{sparsities[-1]:g}): " + ", ".join(f"{v:.3f}" for v in np.mean(lam, axis=0)),
+               ""]
+      base = method[:-len(MITIGATION_SUFFIX)]
+      tl = {m: [r.arrays["train_class_loss"] for r in wd.select(m, sparsities[-1])
+                if "train_class_loss" in r.arrays] for m in (base, method)}
+      if all(tl.values()):
+        names = _class_names(wd)
+        md += ["Training loss per class at the end (mean over seeds):", "",
+               _table(["method"] + names,
+                      [[m] + [f"{v:.3f}" for v in np.mean(v_, axis=0)]
+                       for m, v_ in tl.items()]), ""]
 
   if any("class_change_mean" in r for r in rows):
     path = plot_class_change(wd, rows, out("per_class_change.png"))

@@ -60,11 +60,12 @@ from flax import nnx
 
 from jaxprune import _tree, analysis, schedules, transforms
 from train import mnist1d_builder, models
+from train.input_pipeline import unbalanced_indices
 
 __all__ = [
-    "ArrayBatches", "ExperimentConfig", "FinetuneResult", "Mitigation", "group_ids",
-    "load_arrays", "main", "mitigation_finetune", "mitigation_from_config", "run_experiment",
-    "train_steps", "unbalanced_indices", "where_excluding",
+    "ArrayBatches", "ExperimentConfig", "FinetuneResult", "Mitigation", "finetune_optimizer",
+    "group_ids", "load_arrays", "main", "mitigation_finetune", "mitigation_from_config",
+    "run_experiment", "train_steps", "unbalanced_indices", "where_excluding",
 ]
 
 Batch = dict[str, np.ndarray]
@@ -73,59 +74,6 @@ GROUPINGS = ("classes", "minority")
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def unbalanced_indices(labels, minority_classes: Sequence[int], keep_fraction: float,
-                       seed: int) -> np.ndarray:
-  """Indices of a subsample in which the minority classes keep only a fraction of their examples.
-
-  Every example of a class not in ``minority_classes`` is kept. A minority class with ``n_c``
-  examples keeps exactly ``round(keep_fraction · n_c)`` of them (Python's ``round``), chosen
-  uniformly without replacement by ``np.random.default_rng([seed, c])``, so each class's choice
-  does not depend on the other classes.
-
-  Args:
-    labels: integer labels ``(num_examples,)`` of the split to subsample (e.g. train).
-    minority_classes: the classes to subsample; each must occur in ``labels``.
-    keep_fraction: fraction of each minority class kept, in [0, 1].
-    seed: seed of the choice (``>= 0``).
-
-  Returns:
-    Sorted int64 indices into ``labels``.
-
-  Raises:
-    ValueError: ``labels`` not a 1-D integer array, ``keep_fraction`` outside [0, 1], a
-      negative seed, or a minority class that does not occur (or occurs twice in the list).
-
-  Examples:
-    >>> import numpy as np
-    >>> from train.fairness import unbalanced_indices
-    >>> labels = np.array([0] * 10 + [1] * 10 + [2] * 5)
-    >>> idx = unbalanced_indices(labels, [1, 2], 0.2, seed=0)
-    >>> np.bincount(labels[idx]).tolist()
-    [10, 2, 1]
-  """
-  labels = np.asarray(labels)
-  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"labels: must be a 1-D integer array, got shape {labels.shape}, dtype "
-                     f"{labels.dtype}")
-  if not 0.0 <= float(keep_fraction) <= 1.0:
-    raise ValueError(f"keep_fraction: must be in [0, 1], got {keep_fraction}")
-  if int(seed) < 0:
-    raise ValueError(f"seed: must be >= 0, got {seed}")
-  minority = [int(c) for c in minority_classes]
-  if len(set(minority)) != len(minority):
-    raise ValueError(f"minority_classes: repeated class in {minority}")
-  keep = np.ones(labels.shape, bool)
-  for c in minority:
-    members = np.flatnonzero(labels == c)
-    if members.size == 0:
-      raise ValueError(f"minority_classes: class {c} does not occur in labels")
-    k = round(float(keep_fraction) * members.size)
-    chosen = np.random.default_rng([int(seed), c]).choice(members, size=k, replace=False)
-    keep[members] = False
-    keep[chosen] = True
-  return np.flatnonzero(keep).astype(np.int64)
 
 
 class Arrays(NamedTuple):
@@ -247,6 +195,23 @@ class Mitigation(NamedTuple):
     """Number of constraints: ``num_classes`` or 2."""
     return num_classes if self.groups == "classes" else 2
 
+  def lagrangian(self, per_example_loss, labels, multipliers,
+                 num_groups: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`jaxprune.analysis.constrained_loss` over the groups of :func:`group_ids`.
+
+    Returns ``(lagrangian, violations)``; jit-able (``self`` and ``num_groups`` static).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from train.fairness import Mitigation
+      >>> value, v = Mitigation(epsilon=0.5).lagrangian(
+      ...     jnp.array([1., 1., 4.]), jnp.array([0, 0, 1]), jnp.array([0., 1.]), 2)
+      >>> float(value), v.tolist()
+      (3.5, [-1.5, 1.5])
+    """
+    return analysis.constrained_loss(per_example_loss, group_ids(labels, self), multipliers,
+                                     num_groups=num_groups, epsilon=self.epsilon)
+
 
 def mitigation_from_config(config: Mapping | Any) -> Mitigation | None:
   """The :class:`Mitigation` described by ``config.mitigation`` (a ConfigDict or a dict).
@@ -359,9 +324,7 @@ def _make_runner(graphdef, tx, mitigation, num_groups):
           logits.astype(jnp.float32), batch["label"])
       if mitigation is None:
         return jnp.mean(per_example), (new_rest, jnp.zeros_like(lam))
-      value, violations = analysis.constrained_loss(
-          per_example, group_ids(batch["label"], mitigation), lam, num_groups=num_groups,
-          epsilon=mitigation.epsilon)
+      value, violations = mitigation.lagrangian(per_example, batch["label"], lam, num_groups)
       return value, (new_rest, violations)
 
     (value, (rest, violations)), grads = jax.value_and_grad(objective, has_aux=True)(params, rest)
@@ -461,9 +424,28 @@ class FinetuneResult(NamedTuple):
 
 
 @functools.lru_cache(maxsize=16)
-def _finetune_tx(learning_rate: float, steps: int, sparsity: float,
-                 optimizer: optax.GradientTransformation | None,
-                 where: _tree.Where | None) -> optax.GradientTransformation:
+def finetune_optimizer(learning_rate: float, steps: int, sparsity: float = 0.0,
+                       optimizer: optax.GradientTransformation | None = None,
+                       where: _tree.Where | None = None) -> optax.GradientTransformation:
+  """The optimizer of a fine-tuning that keeps given masks: ``chain(inner, magnitude_pruning)``.
+
+  ``inner`` is ``optimizer`` or Adam with a cosine decay from ``learning_rate`` over ``steps``.
+  Put the masks into the state with ``jp.replace_masks(tx.init(params), masks)``: the pruning
+  link recomputes masks at ``sparsity`` (pruned weights score NaN, so the same masks come back
+  at the sparsity they were made at; ``0.0`` keeps any masks as given), ANDs them with the held
+  ones, and sends every pruned weight to exactly 0. Cached: equal arguments give the same
+  object (so jitted steps are reused).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, jaxprune as jp
+    >>> from train.fairness import finetune_optimizer
+    >>> tx = finetune_optimizer(0.1, steps=10)
+    >>> params = {"w": jnp.ones((2, 2))}
+    >>> state = jp.replace_masks(tx.init(params), {"w": jnp.eye(2, dtype=bool)})
+    >>> updates, _ = tx.update(params, state, params)
+    >>> (optax.apply_updates(params, updates)["w"] == 0).tolist()
+    [[False, True], [True, False]]
+  """
   inner = optimizer if optimizer is not None else optax.adam(
       optax.cosine_decay_schedule(learning_rate, max(steps, 1)))
   # Last link: keeps the given masks (pruned weights score NaN, so recomputing at the same
@@ -551,8 +533,8 @@ def mitigation_finetune(graphdef, params, rest, masks, batch_fn: Callable[[int],
   # Plain arrays (no nnx.Variable wrappers) for params, rest and masks alike.
   params, rest, masks = nnx.as_pure(params), nnx.as_pure(rest), nnx.as_pure(masks)
   _check_masks(params, masks, sparsity)
-  tx = _finetune_tx(float(learning_rate), int(steps),
-                    0.0 if sparsity is None else float(sparsity), optimizer, where)
+  tx = finetune_optimizer(float(learning_rate), int(steps),
+                          0.0 if sparsity is None else float(sparsity), optimizer, where)
   opt_state = transforms.replace_masks(tx.init(params), masks)
   params, rest, opt_state, lam, hist = train_steps(
       graphdef, params, rest, tx, opt_state, batch_fn, start_step=start_step, steps=steps,
@@ -679,11 +661,6 @@ def _eval_fn(graphdef):
   return _EVALS[key]
 
 
-def _flat(tree) -> dict[str, np.ndarray]:
-  paths, leaves, _ = _tree.flatten(tree)
-  return {p: np.asarray(leaf) for p, leaf in zip(paths, leaves)}
-
-
 def save_run(workdir: str, *, method: str, sparsity: float, seed: int, logits, params, rest,
              masks=None, multipliers=None, train_class_loss=None,
              extra: Mapping | None = None) -> dict:
@@ -691,19 +668,13 @@ def save_run(workdir: str, *, method: str, sparsity: float, seed: int, logits, p
 
   Returns the index record (also appended to ``runs.json``).
   """
+  from train import analyze  # the format's owner (it imports this module lazily)
+
   os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
   name = f"{method.replace('+', '-')}_s{sparsity:g}_seed{seed}.npz"
-  arrays = {"logits": np.asarray(logits, np.float32)}
-  arrays.update({f"params/{p}": v for p, v in _flat(params).items()})
-  arrays.update({f"rest/{p}": v for p, v in _flat(rest).items()})
-  if masks is not None:
-    arrays.update({f"masks/{p}": np.asarray(v, bool) for p, v in _flat(masks).items()
-                   if np.ndim(v) > 0})
-  if multipliers is not None:
-    arrays["multipliers"] = np.asarray(multipliers, np.float32)
-  if train_class_loss is not None:
-    arrays["train_class_loss"] = np.asarray(train_class_loss, np.float32)
-  np.savez_compressed(os.path.join(workdir, "runs", name), **arrays)
+  analyze.save_run_file(os.path.join(workdir, "runs", name), logits=logits, params=params,
+                        rest=rest, masks=masks, multipliers=multipliers,
+                        train_class_loss=train_class_loss)
   record = {"method": method, "sparsity": float(sparsity), "seed": int(seed),
             "file": f"runs/{name}", **dict(extra or {})}
   index_path = os.path.join(workdir, "runs.json")

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -47,7 +47,7 @@ import tensorflow_datasets as tfds
 
 from train import mnist1d_builder  # noqa: F401  (registers the "mnist1d" builder)
 
-__all__ = ["Datasets", "EvalData", "Metadata", "TrainData", "get_datasets"]
+__all__ = ["Datasets", "EvalData", "Metadata", "TrainData", "get_datasets", "unbalanced_indices"]
 
 Batch = dict[str, np.ndarray]
 
@@ -85,6 +85,59 @@ def _to_float(x: np.ndarray, path: str) -> np.ndarray:
   raise ValueError(f"{path}: inputs must be uint8 images or floats, got dtype {x.dtype}")
 
 
+def unbalanced_indices(labels, minority_classes: Sequence[int], keep_fraction: float,
+                       seed: int) -> np.ndarray:
+  """Indices of a subsample in which the minority classes keep only a fraction of their examples.
+
+  Every example of a class not in ``minority_classes`` is kept. A minority class with ``n_c``
+  examples keeps exactly ``round(keep_fraction · n_c)`` of them (Python's ``round``), chosen
+  uniformly without replacement by ``np.random.default_rng([seed, c])``, so each class's choice
+  does not depend on the other classes.
+
+  Args:
+    labels: integer labels ``(num_examples,)`` of the split to subsample (e.g. train).
+    minority_classes: the classes to subsample; each must occur in ``labels``.
+    keep_fraction: fraction of each minority class kept, in [0, 1].
+    seed: seed of the choice (``>= 0``).
+
+  Returns:
+    Sorted int64 indices into ``labels``.
+
+  Raises:
+    ValueError: ``labels`` not a 1-D integer array, ``keep_fraction`` outside [0, 1], a
+      negative seed, or a minority class that does not occur (or occurs twice in the list).
+
+  Examples:
+    >>> import numpy as np
+    >>> from train.input_pipeline import unbalanced_indices
+    >>> labels = np.array([0] * 10 + [1] * 10 + [2] * 5)
+    >>> idx = unbalanced_indices(labels, [1, 2], 0.2, seed=0)
+    >>> np.bincount(labels[idx]).tolist()
+    [10, 2, 1]
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels: must be a 1-D integer array, got shape {labels.shape}, dtype "
+                     f"{labels.dtype}")
+  if not 0.0 <= float(keep_fraction) <= 1.0:
+    raise ValueError(f"keep_fraction: must be in [0, 1], got {keep_fraction}")
+  if int(seed) < 0:
+    raise ValueError(f"seed: must be >= 0, got {seed}")
+  minority = [int(c) for c in minority_classes]
+  if len(set(minority)) != len(minority):
+    raise ValueError(f"minority_classes: repeated class in {minority}")
+  keep = np.ones(labels.shape, bool)
+  for c in minority:
+    members = np.flatnonzero(labels == c)
+    if members.size == 0:
+      raise ValueError(f"minority_classes: class {c} does not occur in labels")
+    k = round(float(keep_fraction) * members.size)
+    chosen = np.random.default_rng([int(seed), c]).choice(members, size=k, replace=False)
+    keep[members] = False
+    keep[chosen] = True
+  return np.flatnonzero(keep).astype(np.int64)
+
+
 class _Reader:
   """Reads rows of one data source as ``(x, label)`` numpy arrays, optionally cached."""
 
@@ -109,6 +162,18 @@ class _Reader:
       x, y = self._cache
       return x[indices], y[indices]
     return self._read_rows(indices)
+
+
+class _Subset:
+  """The rows ``indices`` of another reader, renumbered ``0 .. len(indices) - 1``."""
+
+  def __init__(self, reader: _Reader, indices: np.ndarray):
+    self._reader = reader
+    self._indices = np.asarray(indices, np.int64)
+    self.size = len(self._indices)
+
+  def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return self._reader.read(self._indices[np.asarray(indices, np.int64)])
 
 
 class TrainData:
@@ -277,6 +342,7 @@ def get_datasets(
     process_index: int | None = None,
     process_count: int | None = None,
     in_memory: bool = True,
+    train_indices: Sequence[int] | np.ndarray | Callable[[np.ndarray], Any] | None = None,
 ) -> Datasets:
   """Prepares a TFDS dataset (array_record) and returns its train and test pipelines.
 
@@ -297,6 +363,11 @@ def get_datasets(
     in_memory: decode each split once into numpy arrays (fast; for datasets that fit in host
       memory). ``False`` reads the rows of each batch from the array_record files instead;
       the batches are identical.
+    train_indices: train only on these rows of ``train_split`` (distinct, in range), or a
+      function from the split's labels ``(num_train,)`` to such rows, e.g.
+      ``functools.partial(unbalanced_indices, minority_classes=[0, 1], keep_fraction=0.1,
+      seed=0)``. Batches are drawn from them by the same ``(seed, step)`` rule and
+      ``info.num_train`` is their number. ``None``: every row.
 
   Returns:
     ``Datasets(train, test, info)``: a :class:`TrainData`, an :class:`EvalData` and the
@@ -343,13 +414,24 @@ def get_datasets(
   test_source = builder.as_data_source(tfds.split_for_jax_process(
       test_split, process_index=process_index, process_count=process_count))
   info = _metadata(name, builder, num_train=len(train_source), num_test=len(test_full))
+  train_reader = _Reader(train_source, info, in_memory=in_memory, path=f"{name}/{train_split}")
+  if callable(train_indices):
+    train_indices = train_indices(train_reader.read(np.arange(train_reader.size))[1])
+  if train_indices is not None:
+    train_indices = np.asarray(train_indices)
+    if (train_indices.ndim != 1 or not np.issubdtype(train_indices.dtype, np.integer)
+        or len(np.unique(train_indices)) != len(train_indices)
+        or (train_indices.size and not 0 <= train_indices.min() <= train_indices.max()
+            < info.num_train)):
+      raise ValueError(f"train_indices: must be distinct integers in [0, {info.num_train}), "
+                       f"got shape {train_indices.shape}, dtype {train_indices.dtype}")
+    train_reader = _Subset(train_reader, train_indices)
+    info = dataclasses.replace(info, num_train=train_reader.size)
   if batch_size > info.num_train:
     raise ValueError(f"batch_size: {batch_size} exceeds the {info.num_train} training examples")
 
-  train = TrainData(
-      _Reader(train_source, info, in_memory=in_memory, path=f"{name}/{train_split}"),
-      batch_size=batch_size, seed=seed, process_index=process_index,
-      process_count=process_count)
+  train = TrainData(train_reader, batch_size=batch_size, seed=seed,
+                    process_index=process_index, process_count=process_count)
   test_reader = _Reader(test_source, info, in_memory=in_memory, path=f"{name}/{test_split}")
   local_eval = eval_batch_size // process_count
   largest_shard = max(test_reader.size, math.ceil(info.num_test / process_count))

@@ -176,7 +176,7 @@ class CNN(nnx.Module):
     channels = [1 if len(shape) == 1 else shape[-1], *features]
     convs, bns = [], []
     for (cin, cout), k in zip(itertools.pairwise(channels), kernel_sizes, strict=True):
-      convs.append(nnx.Conv(cin, cout, (k,) * ndim, (stride,) * ndim, padding=[(1, 1)] * ndim,
+      convs.append(nnx.Conv(cin, cout, (k,) * ndim, (stride,) * ndim, padding=((1, 1),) * ndim,
                             use_bias=False, rngs=rngs))
       bns.append(nnx.BatchNorm(cout, momentum=_BN_MOMENTUM, rngs=rngs))
       spatial = [_conv_out(s, k, stride, 1) for s in spatial]
@@ -222,15 +222,21 @@ class RNN(nnx.Module):
       raise ValueError(f"rnn/cell: must be one of {sorted(cells)}, got {cell!r}")
     self.input_shape = shape
     in_features = 1 if len(shape) == 1 else math.prod(shape[1:])
-    self.hidden = hidden
     self.cell_type = cell
     # rngs=False: the carry starts at zeros (built in __call__), so no RNG state is kept.
     self.rnn = nnx.RNN(cells[cell](in_features, hidden, rngs=rngs), rngs=False)
     self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
 
+  @property
+  def hidden(self) -> int:
+    """The cell's hidden size (``cell.hidden_features``; smaller after surgery)."""
+    return self.rnn.cell.hidden_features
+
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.reshape(x.shape[0], x.shape[1], -1)  # (B, steps, features)
-    zeros = jnp.zeros((x.shape[0], self.hidden), x.dtype)
+    # The carry's size comes from the cell, which jaxprune.surgery.shrink_module (and the
+    # functions of surgery.module_fn) keep in step with its kernels: hidden units can shrink.
+    zeros = jnp.zeros((x.shape[0], self.rnn.cell.hidden_features), x.dtype)
     carry = (zeros, zeros) if self.cell_type == "lstm" else zeros  # LSTM: (c, h)
     h = self.rnn(x, initial_carry=carry)  # (B, steps, hidden)
     return self.head(h[:, -1])

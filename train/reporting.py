@@ -239,7 +239,8 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def write_report(path: str | os.PathLike, *, title: str, final: Mapping[str, Any],
                  rows: Sequence[LayerRow], config_text: str,
-                 notes: Sequence[str] = (), extra: Mapping[str, Sequence[Any]] | None = None,
+                 notes: Sequence[str] = (),
+                 extra: Mapping[str, Sequence[Any]] | Sequence[Mapping] | None = None,
                  images: Sequence[str] = ("curves.png", "sparsity.png"),
                  sparsity_label: str = "sparsity (prunable weights)") -> str:
   """Writes ``report.md``: accuracy, counts, wall time, per-layer table, plots, config.
@@ -252,8 +253,8 @@ def write_report(path: str | os.PathLike, *, title: str, final: Mapping[str, Any
     rows: per-leaf rows from :func:`layer_rows`.
     config_text: the config, printed at the end.
     notes: extra lines (e.g. leaves a structure could not prune).
-    extra: an optional small table ``{"header": [...], "rows": [[...], ...]}`` shown after
-      the summary (e.g. the channels recipe's before/after counts).
+    extra: optional small tables, each ``{"header": [...], "rows": [[...], ...]}`` (one, or
+      a sequence), shown after the summary (e.g. the channels recipe's before/after counts).
     images: PNG files (relative to the report) to embed.
     sparsity_label: the name of ``final["sparsity"]`` in the summary.
 
@@ -269,8 +270,8 @@ def write_report(path: str | os.PathLike, *, title: str, final: Mapping[str, Any
       ("wall time", f"{final['wall_time_s']:.1f} s"),
   ]
   parts = [f"# {title}", "", _table(["", "value"], summary), ""]
-  if extra:
-    parts += [_table(extra["header"], extra["rows"]), ""]
+  for table in [extra] if isinstance(extra, Mapping) else list(extra or ()):
+    parts += [_table(table["header"], table["rows"]), ""]
   parts += [f"- {n}" for n in notes] + ([""] if notes else [])
   parts += ["## Per-layer sparsity", "",
             _table(["leaf", "shape", "params", "nonzero", "sparsity", "pruned"],

@@ -56,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxprune as jp
 from jaxprune import _tree, surgery
-from train import checkpointing, input_pipeline, models, reporting
+from train import analyze, checkpointing, fairness, input_pipeline, models, reporting
 
 __all__ = [
     "METHODS", "Experiment", "Trainer", "build_model", "channel_group_pruning", "make_lr",
@@ -333,10 +333,16 @@ def _replicate(tree, mesh):
   return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P()))
 
 
-@functools.partial(jax.jit, static_argnames=("model_def", "mesh"))
-def _gradients(model_state, batch, *, model_def, mesh):
+@functools.partial(jax.jit, static_argnames=("model_def", "mesh", "constraint"))
+def _gradients(model_state, batch, multipliers, *, model_def, mesh, constraint):
   """Forward (train mode) and backward on the sharded batch: new model state (BatchNorm
-  statistics), gradients (all-reduced, replicated) and metrics.
+  statistics), gradients (all-reduced, replicated), new multipliers and metrics.
+
+  ``constraint``: None (mean cross-entropy; ``multipliers`` is None and comes back None) or
+  ``(mitigation, num_groups)``: the gradient is that of the Lagrangian of the per-group loss
+  constraints (:meth:`train.fairness.Mitigation.lagrangian`, measured on this batch) and the
+  multipliers take one projected dual ascent step
+  (:func:`jaxprune.analysis.dual_ascent_update`) with the same violations.
 
   A module-level jit keyed by the model's graphdef: every recipe (and every phase) that trains
   the same architecture reuses one compiled program.
@@ -345,12 +351,22 @@ def _gradients(model_state, batch, *, model_def, mesh):
 
   def loss_fn(model):
     logits = model(batch["x"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    return loss, logits
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    loss = per_example.mean()
+    if constraint is None:
+      return loss, (logits, loss, None)
+    mitigation, num_groups = constraint
+    value, violations = mitigation.lagrangian(per_example, batch["label"], multipliers,
+                                              num_groups)
+    return value, (logits, loss, violations)
 
-  (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  (_, (logits, loss, violations)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
-  return _replicate((nnx.state(model), grads, {"loss": loss, "accuracy": accuracy}), mesh)
+  metrics = {"loss": loss, "accuracy": accuracy}
+  if constraint is not None:
+    metrics.update(max_violation=jnp.max(violations), max_multiplier=jnp.max(multipliers))
+    multipliers = jp.analysis.dual_ascent_update(multipliers, violations, constraint[0].dual_lr)
+  return _replicate((nnx.state(model), grads, multipliers, metrics), mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("model_def", "opt_def", "mesh", "sparsity_fn", "lr"))
@@ -363,6 +379,13 @@ def _apply(model_state, opt_state, grads, *, model_def, opt_def, mesh, sparsity_
   sparsity = sparsity_fn(nnx.as_pure(nnx.state(model, nnx.Param)))
   metrics = {"sparsity": sparsity, "learning_rate": rate}
   return _replicate((nnx.state(model), nnx.state(optimizer), metrics), mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("model_def", "mesh"))
+def _eval_logits(model_state, batch, *, model_def, mesh):
+  """Logits of one (padded) eval batch, eval mode, replicated."""
+  model = models.eval_view(nnx.merge(model_def.value, model_state))
+  return _replicate(model(batch["x"]).astype(jnp.float32), mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("model_def", "mesh"))
@@ -402,6 +425,11 @@ class Trainer:
     mesh: from :func:`make_mesh`.
     sparsity_fn: ``params -> float32 scalar`` logged as ``sparsity`` (jit-able).
     lr: the learning-rate schedule (logged).
+    mitigation: train under per-group loss constraints (:class:`train.fairness.Mitigation`):
+      the state then holds the Lagrange multipliers (``state["multipliers"]``, float32
+      ``(num_groups,)``, starting at 0), every step descends the Lagrangian and takes one
+      dual ascent step, and ``max_violation`` / ``max_multiplier`` are logged.
+    num_classes: the number of classes (needed with ``mitigation``).
 
   Examples:
     >>> import numpy as np, optax
@@ -417,7 +445,8 @@ class Trainer:
 
   def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, *,
                mesh: jax.sharding.Mesh, sparsity_fn: Callable | None = None,
-               lr: optax.Schedule | None = None):
+               lr: optax.Schedule | None = None,
+               mitigation: fairness.Mitigation | None = None, num_classes: int | None = None):
     self.mesh = mesh
     self.replicated = NamedSharding(mesh, P())
     self.batch_sharding = NamedSharding(mesh, P("data"))
@@ -428,7 +457,15 @@ class Trainer:
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     self.opt_def, opt_state = nnx.split(optimizer)
     self._model_key, self._opt_key = _Static(self.model_def), _Static(self.opt_def)
-    self.state = jax.device_put({"model": model_state, "opt": opt_state}, self.replicated)
+    state = {"model": model_state, "opt": opt_state}
+    self.constraint = None
+    if mitigation is not None:
+      if num_classes is None:
+        raise ValueError("num_classes: needed with mitigation")
+      mitigation.validate(num_classes)
+      self.constraint = (mitigation, mitigation.num_groups(num_classes))
+      state["multipliers"] = jnp.zeros((self.constraint[1],), jnp.float32)
+    self.state = jax.device_put(state, self.replicated)
 
   # -- state access
   def model(self) -> nnx.Module:
@@ -445,7 +482,7 @@ class Trainer:
 
   def set_state(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None) -> None:
     """Replaces the state with ``model``'s and ``optimizer``'s (replicated on the mesh)."""
-    state = {"model": nnx.state(model),
+    state = {**self.state, "model": nnx.state(model),
              "opt": nnx.state(optimizer) if optimizer is not None else self.state["opt"]}
     self.state = jax.device_put(state, self.replicated)
 
@@ -467,13 +504,32 @@ class Trainer:
 
   def train_step(self, batch: Batch) -> dict[str, jax.Array]:
     """One optimizer step on ``batch`` (numpy, this process's rows); returns device metrics."""
-    model_state, grads, metrics = _gradients(self.state["model"], self.shard(batch),
-                                             model_def=self._model_key, mesh=self.mesh)
+    model_state, grads, multipliers, metrics = _gradients(
+        self.state["model"], self.shard(batch), self.state.get("multipliers"),
+        model_def=self._model_key, mesh=self.mesh, constraint=self.constraint)
     model_state, opt_state, more = _apply(
         model_state, self.state["opt"], grads, model_def=self._model_key, opt_def=self._opt_key,
         mesh=self.mesh, sparsity_fn=self.sparsity, lr=self._lr)
     self.state = {"model": model_state, "opt": opt_state}
+    if multipliers is not None:
+      self.state["multipliers"] = multipliers
     return {**metrics, **more}
+
+  def predict(self, test: input_pipeline.EvalData) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits, labels)`` of every test example, in the split's order (eval mode).
+
+    Raises:
+      ValueError: with several processes (each holds a slice of the split; not gathered).
+    """
+    if jax.process_count() > 1:
+      raise ValueError("predict: the test logits are only gathered in a single-process run")
+    logits, labels = [], []
+    for b in test:
+      out = np.asarray(_eval_logits(self.state["model"], self.shard(b),
+                                    model_def=self._model_key, mesh=self.mesh))
+      logits.append(out[b["mask"]])
+      labels.append(b["label"][b["mask"]])
+    return np.concatenate(logits), np.concatenate(labels)
 
   def evaluate(self, test: input_pipeline.EvalData) -> dict[str, float]:
     """``{"test_accuracy", "test_loss"}`` over the whole test split (eval mode)."""
@@ -555,6 +611,31 @@ class Experiment:
       if finetune < 0:
         raise ValueError(f"pruning.finetune_steps: must be >= 0, got {finetune}")
       self.phases.append(("finetune", self.num_steps, self.num_steps + finetune))
+    self.mitigation, self.mitigation_steps = self._mitigation_config()
+    self.before_mitigation: dict[str, Any] = {}
+    if self.mitigation_steps:
+      end = self.phases[-1][2]
+      self.phases.append(("mitigate", end, end + self.mitigation_steps))
+
+  def _mitigation_config(self) -> tuple[fairness.Mitigation | None, int]:
+    """``(constraints or None, steps)`` of the ``mitigate`` phase; steps 0: no such phase."""
+    m = self.config.get("mitigation")
+    if m is None or not m.get("enabled", False):
+      return None, 0
+    steps = int(m.get("steps", 0))
+    if steps < 1:
+      raise ValueError(f"mitigation.steps: must be >= 1 when mitigation.enabled, got {steps}")
+    if not float(m.get("learning_rate", 0.0)) > 0:
+      raise ValueError(f"mitigation.learning_rate: must be > 0, got {m.get('learning_rate')}")
+    constraint = None
+    if m.get("constrained", True):
+      constraint = fairness.mitigation_from_config(self.config).validate(self.info.num_classes)
+    return constraint, steps
+
+  @property
+  def mitigation_method(self) -> str:
+    """The name :mod:`train.analyze` gives the run after the ``mitigate`` phase."""
+    return self.method + ("+mitigation" if self.mitigation is not None else "+finetune")
 
   @property
   def total_steps(self) -> int:
@@ -689,6 +770,52 @@ class Experiment:
     }
 
 
+  # -- mitigation: fine-tune the pruned model under per-group loss constraints
+  def current_masks(self):
+    """The keep-masks in the optimizer state, or None when it holds no pruning state (dense
+    recipe, or the channels recipe's shrunk model)."""
+    try:
+      return self.trainer.masks()
+    except ValueError:
+      return None
+
+  def outputs(self, test: input_pipeline.EvalData) -> dict[str, Any]:
+    """What :mod:`train.analyze` reads of the current model: test logits and labels, params,
+    the rest of the model state (BatchNorm statistics), masks (or None) and multipliers."""
+    logits, labels = self.trainer.predict(test)
+    _, params, rest = nnx.split(self.trainer.model(), nnx.Param, ...)
+    multipliers = self.trainer.state.get("multipliers")
+    return {"logits": logits, "labels": labels, "params": nnx.as_pure(params),
+            "rest": nnx.as_pure(rest), "masks": self.current_masks(),
+            "multipliers": None if multipliers is None else np.asarray(multipliers)}
+
+  def start_mitigation(self, test: input_pipeline.EvalData) -> None:
+    """Keeps the pruned model's outputs and makes the trainer of the ``mitigate`` phase.
+
+    The phase fine-tunes with the masks fixed (:func:`train.fairness.finetune_optimizer`:
+    Adam with a cosine decay from ``mitigation.learning_rate``, then a pruning link holding
+    the current masks) under the per-group constraints of ``config.mitigation``, or with plain
+    cross-entropy when ``mitigation.constrained`` is False (the control arm).
+    """
+    self.before_mitigation = self.outputs(test)
+    masks = self.before_mitigation["masks"]
+    m, steps = self.config.mitigation, self.mitigation_steps
+    lr = optax.cosine_decay_schedule(float(m.learning_rate), steps)
+    if masks is None:
+      tx = optax.adam(lr)
+    else:
+      tx = fairness.finetune_optimizer(float(m.learning_rate), steps, 0.0, None, self.where)
+    model = self.trainer.model()
+    sparsity_fn = self.trainer.sparsity
+    self.trainer = Trainer(model, tx, mesh=self.mesh, lr=lr, sparsity_fn=sparsity_fn,
+                           mitigation=self.mitigation, num_classes=self.info.num_classes)
+    if masks is not None:
+      optimizer = self.trainer.optimizer()
+      pure = jp.replace_masks(nnx.as_pure(optimizer.opt_state), masks)
+      nnx.update(optimizer.opt_state, nnx.state(pure))
+      self.trainer.set_state(model, optimizer)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -738,9 +865,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f.write(config.to_json_best_effort(indent=2))
   data = input_pipeline.get_datasets(
       config.dataset, batch_size=config.batch_size, seed=config.seed,
-      eval_batch_size=config.eval_batch_size, data_dir=config.data_dir)
+      eval_batch_size=config.eval_batch_size, data_dir=config.data_dir,
+      train_indices=train_subset(config))
   mesh = make_mesh()
   exp = Experiment(config, data.info, mesh=mesh)
+  if train_subset(config) is not None:
+    imb = config.imbalance
+    exp.notes.append(f"training split unbalanced on purpose: classes {list(imb.classes)} keep "
+                     f"{imb.keep_fraction} of their examples ({data.info.num_train} examples "
+                     "left); the test split is whole")
   ckpt_dirs = [os.path.join(os.path.abspath(workdir), "checkpoints" + ("" if i == 0 else
                                                                         f"_{name}"))
                for i, (name, _, _) in enumerate(exp.phases)]
@@ -760,6 +893,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with reporting.MetricsWriter(workdir, resume_step=resume_step, enabled=is_main) as writer:
     for phase, ((name, begin, end), ckpt_dir) in enumerate(zip(exp.phases, ckpt_dirs,
                                                                strict=True)):
+      if name == "mitigate":
+        exp.start_mitigation(data.test)
       if name == "finetune":
         exp.start_finetune(data.test)
         if latest[phase] is None:
@@ -771,10 +906,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      keep=config.keep_checkpoints) as ckpts:
         start = begin
         if latest[phase] is not None:
-          abstract = {"model": exp.trainer.state["model"], "opt": exp.trainer.state["opt"],
-                      "step": 0, "elapsed": 0.0, "extra": exp.extra_state()}
+          abstract = {**exp.trainer.state, "step": 0, "elapsed": 0.0,
+                      "extra": exp.extra_state()}
           restored = ckpts.restore(abstract)
-          exp.trainer.state = {"model": restored["model"], "opt": restored["opt"]}
+          exp.trainer.state = {k: restored[k] for k in exp.trainer.state}
           exp.load_extra_state(restored["extra"])
           start = int(restored["step"])
           elapsed_before = float(restored["elapsed"])
@@ -797,10 +932,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           bar.update(1)
           if done % config.checkpoint_every == 0 or done == end:
             elapsed = elapsed_before + time.time() - t_start
-            ckpts.save(done, {"model": exp.trainer.state["model"],
-                              "opt": exp.trainer.state["opt"], "step": done,
-                              "elapsed": elapsed, "extra": exp.extra_state()},
-                       force=done == end)
+            ckpts.save(done, {**exp.trainer.state, "step": done, "elapsed": elapsed,
+                              "extra": exp.extra_state()}, force=done == end)
         if start == end:  # nothing left to do in this phase (resumed after it ended)
           final_eval = exp.trainer.evaluate(data.test)
     bar.close()
@@ -816,26 +949,99 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   if is_main:
     np.savez(os.path.join(workdir, "params.npz"), **_flat(nnx.state(exp.trainer.model())))
-    _write_outputs(config, workdir, exp, final, params)
+    outputs = None
+    if jax.process_count() == 1:
+      outputs = exp.outputs(data.test)
+      save_predictions(os.path.join(workdir, PREDICTIONS), outputs)
+      if exp.before_mitigation:
+        save_predictions(os.path.join(workdir, PREDICTIONS_BEFORE_MITIGATION),
+                         exp.before_mitigation)
+    else:
+      exp.notes.append(f"{PREDICTIONS} not written: test logits are gathered only in "
+                       "single-process runs")
+    _write_outputs(config, workdir, exp, final, params, outputs)
   return final
 
 
-def _write_outputs(config, workdir, exp: Experiment, final, params) -> None:
+PREDICTIONS = "predictions.npz"
+"""The file of a run's final test logits, masks and model state, read by :mod:`train.analyze`."""
+PREDICTIONS_BEFORE_MITIGATION = "predictions_before_mitigation.npz"
+"""The same at the start of the ``mitigate`` phase (the pruned model), when there is one."""
+
+
+def save_predictions(path: str, outputs: Mapping[str, Any]) -> None:
+  """Writes :meth:`Experiment.outputs` in the run-file format of :mod:`train.analyze`."""
+  analyze.save_run_file(path, logits=outputs["logits"], labels=outputs["labels"],
+                        params=outputs["params"], rest=outputs["rest"], masks=outputs["masks"],
+                        multipliers=outputs["multipliers"])
+
+
+def train_subset(config: ml_collections.ConfigDict) -> Callable | None:
+  """The rows to train on when ``config.imbalance.classes`` is set, else None.
+
+  Each class in ``imbalance.classes`` keeps ``imbalance.keep_fraction`` of its training
+  examples, chosen by ``imbalance.seed`` (:func:`train.input_pipeline.unbalanced_indices`);
+  the choice does not depend on ``config.seed``, so every seed trains on the same subset.
+
+  Examples:
+    >>> import numpy as np
+    >>> from train import train
+    >>> from train.configs import mitigation
+    >>> config = mitigation.get_config()
+    >>> labels = np.repeat(np.arange(10), 100)
+    >>> np.bincount(labels[train.train_subset(config)(labels)]).tolist()
+    [10, 10, 10, 100, 100, 100, 100, 100, 100, 100]
+  """
+  imb = config.get("imbalance")
+  if imb is None or not imb.get("classes"):
+    return None
+  return functools.partial(input_pipeline.unbalanced_indices,
+                           minority_classes=tuple(int(c) for c in imb.classes),
+                           keep_fraction=float(imb.keep_fraction), seed=int(imb.get("seed", 0)))
+
+
+def _write_outputs(config, workdir, exp: Experiment, final, params, outputs) -> None:
   title = f"{exp.method}: {config.model} on {config.dataset}"
   rows = reporting.layer_rows(params, exp.where)
   metrics = reporting.read_metrics(workdir)
   reporting.plot_curves(metrics, os.path.join(workdir, "curves.png"), title=title)
   reporting.plot_layer_sparsity(rows, os.path.join(workdir, "sparsity.png"), title=title)
-  extra = None
+  extra = []
   if exp.shrink_info:
     i = exp.shrink_info
-    extra = {"header": ["model", "parameters", "test accuracy"], "rows": [
+    extra.append({"header": ["model", "parameters", "test accuracy"], "rows": [
         ["masked (before shrink)", f"{i['params_before']:,} ({i['nonzero_before']:,} nonzero)",
          f"{i['accuracy_masked']:.4f}"],
         ["shrunk", f"{i['params_after']:,}", f"{i['accuracy_shrunk']:.4f}"],
         ["shrunk + fine-tuned", f"{final['params']:,}", f"{final['test_accuracy']:.4f}"],
-    ]}
+    ]})
+  if exp.before_mitigation and outputs is not None:
+    extra.append(_mitigation_table(config, exp, outputs))
   reporting.write_report(os.path.join(workdir, "report.md"), title=title, final=final,
                          rows=rows, config_text=str(config), notes=exp.notes, extra=extra,
                          sparsity_label="weights removed (of the prunable ones)"
                          if exp.shrink_info else "sparsity (prunable weights)")
+
+
+def _mitigation_table(config, exp: Experiment, outputs) -> dict[str, Any]:
+  """Before / after the ``mitigate`` phase: accuracy overall, of the worst class and of the
+  unbalanced classes (``config.imbalance.classes``), and the largest multiplier."""
+  imb = config.get("imbalance")
+  minority = [int(c) for c in imb.classes] if imb is not None and imb.get("classes") else []
+  header = ["model", "test accuracy", "worst-class accuracy"]
+  header += ["accuracy of classes " + ",".join(map(str, minority))] if minority else []
+  header += ["largest multiplier λ"]
+  rows = []
+  for name, out in (("pruned (before)", exp.before_mitigation),
+                    (exp.mitigation_method + " (after)", outputs)):
+    logits, labels, lam = out["logits"], out["labels"], out["multipliers"]
+    pred = np.argmax(logits, -1)
+    per_class = jp.analysis.per_group_metrics(logits, labels,
+                                              num_groups=exp.info.num_classes).accuracy
+    row = [name, f"{np.mean(pred == labels):.4f}", f"{np.nanmin(np.asarray(per_class)):.4f}"]
+    if minority:
+      sel = np.isin(labels, minority)
+      row.append(f"{np.mean(pred[sel] == labels[sel]):.4f}")
+    row.append("—" if lam is None else f"{float(np.max(lam)):.3f}")
+    rows.append(row)
+  return {"header": header, "rows": rows}

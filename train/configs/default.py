@@ -22,6 +22,18 @@ Keys:
   leaf with ``ndim >= 2``, i.e. kernels and, in the Transformer, ``pos_embed``) or a regular
   expression that a leaf path must match (``re.search``) as well, e.g. ``'^(?!convs/0/)'`` to
   keep the first conv dense.
+* ``imbalance``: train on a split unbalanced on purpose: every class in ``imbalance.classes``
+  keeps ``imbalance.keep_fraction`` of its training examples (chosen by ``imbalance.seed``,
+  the same for every ``seed``); the test split stays whole. Empty ``classes``: no change.
+* ``mitigation``: with ``mitigation.enabled``, a ``mitigate`` phase of ``mitigation.steps``
+  follows training: the pruned model (masks fixed) is fine-tuned with Adam (cosine decay from
+  ``mitigation.learning_rate``) under per-group loss constraints ``L_g − L ≤ epsilon``, the
+  Lagrange multipliers taking a dual ascent step of size ``dual_lr`` after every step (Tran et
+  al., 2022). ``groups``: ``classes`` (one constraint per class) or ``minority``
+  (``minority_classes``, default ``imbalance.classes``, against the rest).
+  ``constrained=False`` fine-tunes the same way with plain cross-entropy: the control arm.
+  The run then also writes ``predictions_before_mitigation.npz``; ``python -m train.analyze``
+  compares the two (see ``train/configs/mitigation.py``).
 """
 
 import ml_collections
@@ -62,4 +74,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.pruning.method = "dense"
   config.pruning.sparsity = 0.0
   config.pruning.where = config_dict.placeholder(str)
+
+  config.imbalance = ml_collections.ConfigDict()
+  config.imbalance.classes = ()
+  config.imbalance.keep_fraction = 1.0
+  config.imbalance.seed = 0
+
+  config.mitigation = ml_collections.ConfigDict()
+  config.mitigation.enabled = False
+  config.mitigation.constrained = True
+  config.mitigation.steps = 1000
+  config.mitigation.learning_rate = 2e-3
+  config.mitigation.epsilon = 0.05
+  config.mitigation.dual_lr = 0.01
+  config.mitigation.groups = "classes"
+  config.mitigation.minority_classes = config.imbalance.get_ref("classes")
   return config
