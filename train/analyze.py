@@ -6,8 +6,22 @@ per-class tables, pruning-identified exemplars and their gallery, seed spread, a
 sparsity bands, a layer-sensitivity heatmap, mask overlap per layer across seeds and, when a
 ``pruned+mitigation`` method is present, the mitigation's before/after on every metric.
 
-On-disk format (written by :func:`train.fairness.save_run`; the main loop can write the same)
--------------------------------------------------------------------------------------------
+Two kinds of directory are read (:func:`load_workdir`):
+
+* **runs of the main loop**: any directory under which ``python -m train`` runs live (each a
+  directory with ``config.json`` and ``predictions.npz``; e.g. ``runs/fair/dense_0``,
+  ``runs/fair/mitigated_0``, ...). A run is named by its ``pruning.method`` (``dense`` is the
+  reference) at ``pruning.sparsity`` and ``seed``; a run with a ``mitigate`` phase (see
+  ``train/configs/mitigation.py``) also gives the pruned model before it, and is named
+  ``<method>+mitigation`` (or ``<method>+finetune`` for the unconstrained control) after it.
+  The test inputs are read again from the dataset; minority classes are
+  ``imbalance.classes``. All runs must share dataset, model and imbalance.
+* **the format below**, written by :func:`train.fairness.save_run` (``runs.json`` present).
+
+Run files are the same in both (:func:`save_run_file`).
+
+On-disk format of ``train.fairness`` workdirs
+---------------------------------------------
 ``config.json``
     A JSON object. Read: ``num_classes`` (int, required); ``model``, ``model_kwargs``,
     ``input_shape`` (to rebuild the model with :func:`train.models.create_model` for layer
@@ -28,7 +42,8 @@ On-disk format (written by :func:`train.fairness.save_run`; the main loop can wr
     ``params/<path>``, ``rest/<path>``: the model's ``nnx.Param`` state and the rest (BatchNorm
     statistics), needed for layer sensitivity (read from the reference run of the first seed);
     ``multipliers``: float32 ``(num_groups,)`` final Lagrange multipliers (mitigation runs);
-    ``train_class_loss``: float32 ``(num_classes,)`` per-class training loss at the end.
+    ``train_class_loss``: float32 ``(num_classes,)`` per-class training loss at the end;
+    ``label``: int32 ``(n,)`` the labels the logits are for (checked when present).
     All entries except ``logits`` are optional.
 
 References:
