@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m train.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --doctest-modules tests jaxprune train benchmarks
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x -m "not slow" tests

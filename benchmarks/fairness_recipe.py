@@ -21,6 +21,7 @@ plots (under ``benchmarks/results/quick/`` with ``--quick``).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -53,18 +54,32 @@ def main(argv=None) -> list[dict]:
   p = common.parser(__doc__.splitlines()[0])
   p.add_argument("--workdir", default=None, help="where the runs go (default: a temp dir)")
   p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--report-only", action="store_true",
+                 help="do not train: rewrite the report from the runs already in --workdir")
   args = p.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(",")]
+  if args.report_only and not args.workdir:
+    raise ValueError("--report-only needs --workdir")
   workdir = args.workdir or tempfile.mkdtemp(prefix="jaxprune_fairness_recipe_")
-  machine = common.machine_info()
-  seconds = {}
-  for seed in seeds:
-    for arm in ARMS:
-      start = time.perf_counter()
-      train.train_and_evaluate(make_config(arm, seed, args.quick),
-                               os.path.join(workdir, f"{arm}_{seed}"))
-      seconds[f"{arm}_{seed}"] = time.perf_counter() - start
-      common.log(f"{arm} seed {seed}: {seconds[f'{arm}_{seed}']:.0f} s")
+  if not args.report_only and os.path.exists(os.path.join(workdir, "runs.json")):
+    raise ValueError(f"--workdir: {workdir} holds a train.fairness workdir (runs.json); "
+                     "use another directory")
+  timing_path = os.path.join(workdir, "benchmark_timing.json")
+  if args.report_only:
+    with open(timing_path) as f:
+      timing = json.load(f)
+    machine, seconds = timing["machine"], timing["seconds"]
+  else:
+    machine, seconds = common.machine_info(), {}
+    for seed in seeds:
+      for arm in ARMS:
+        start = time.perf_counter()
+        train.train_and_evaluate(make_config(arm, seed, args.quick),
+                                 os.path.join(workdir, f"{arm}_{seed}"))
+        seconds[f"{arm}_{seed}"] = time.perf_counter() - start
+        common.log(f"{arm} seed {seed}: {seconds[f'{arm}_{seed}']:.0f} s")
+    with open(timing_path, "w") as f:
+      json.dump({"machine": machine, "seconds": seconds}, f)
   name = "fairness_recipe"
   md_path = analyze.analyze(workdir, args.out_dir, prefix=f"{name}_")
   wd = analyze.load_workdir(workdir)

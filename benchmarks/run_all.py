@@ -7,7 +7,8 @@ With ``--quick`` each script runs its ~1-minute version and writes to
 
 Every script listed in :data:`BENCHMARKS` takes ``--quick`` (the flags of ``common.parser``).
 A results file whose README has no ``<!-- results:NAME -->`` block is written but copied nowhere
-(``surgery_speed`` and ``fairness`` are discussed in the top-level README and ``docs/costs.md``).
+(``surgery_speed``, ``fairness`` and ``fairness_recipe`` are discussed in the top-level
+README).
 """
 from __future__ import annotations
 

@@ -282,3 +282,11 @@ def test_sweep_writes_mean_and_std_over_seeds(tmp_path, data_dir):
     accs = [r["accuracy"] for r in records if r["sparsity"] == s]
     assert f"| gmp | {s:.4f} | 2 | {np.mean(accs):.4f} | {np.std(accs):.4f} |" in table
   assert (tmp_path / "sweep.png").stat().st_size > 1000
+  # train.analyze reads the sweep's runs (no dense reference: absolute metrics, curves, overlap).
+  from train import analyze
+  with open(analyze.analyze(tmp_path)) as f:
+    md = f.read()
+  for s in (0.5, 0.9):
+    accs = [r["accuracy"] for r in records if r["sparsity"] == s]
+    assert f"| gmp | {s:.4f} | 2 | {np.mean(accs):.4f} | {np.std(accs):.4f} |" in md
+  assert "### gmp, sparsity 0.9 (2 seeds)" in md and "| layers/0/kernel |" in md
