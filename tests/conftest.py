@@ -35,3 +35,23 @@ def run_with_devices(code: str, num_devices: int = 8, timeout: int = 300) -> str
   if proc.returncode != 0:
     pytest.fail(f"subprocess failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
   return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """A TFDS data directory with MNIST-1D generated into it (once per test process)."""
+  from train import mnist1d_builder
+  d = str(tmp_path_factory.mktemp("tfds"))
+  mnist1d_builder.prepare(d)
+  return d
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+  """XLA without most optimizations, for a module's tests: compiling dominates short runs.
+
+  Use with ``pytestmark = pytest.mark.usefixtures("fast_compile")``.
+  """
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", False)

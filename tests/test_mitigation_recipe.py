@@ -15,28 +15,15 @@ import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import optax
 import pytest
 from conftest import run_with_devices
 from flax import nnx
 
-from train import analyze, fairness, input_pipeline, mnist1d_builder, models, train
+from train import analyze, fairness, input_pipeline, models, train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("tfds"))
-  mnist1d_builder.prepare(d)
-  return d
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _npz(path):

@@ -19,13 +19,6 @@ from train import input_pipeline, mnist1d_builder
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("tfds")
-  mnist1d_builder.prepare(d)
-  return str(d)
-
-
 @pytest.fixture(scope="module")
 def reference():
   from mnist1d.data import get_dataset_args, make_dataset

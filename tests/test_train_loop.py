@@ -20,33 +20,19 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 from conftest import ROOT, run_with_devices
 from test_train_recipes import RECIPES, tiny_config
 
-from train import mnist1d_builder, reporting, train
+from train import reporting, train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  """XLA without most optimizations: compiling dominates these short runs."""
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")
 def mock_info():
   return train.input_pipeline.Metadata("mnist1d", (40,), 10, 4000, 1000, "x", "label")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("tfds"))
-  mnist1d_builder.prepare(d)
-  return d
 
 
 # --- resume after SIGKILL -------------------------------------------------------------------------

@@ -32,6 +32,8 @@ RECIPES = ("dense", "oneshot", "gmp", "imp", "set", "rigl", "nm24", "channels")
 # `where` (every kernel). The end-to-end tests below use the default everywhere.
 WHERE = {"transformer": "fc|head"}
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 
 def tiny_config(recipe: str, model: str, *, num_steps: int = 2):
   """A recipe's config with a tiny model whose pruning happens within ``num_steps``."""
@@ -57,14 +59,6 @@ def tiny_config(recipe: str, model: str, *, num_steps: int = 2):
   if recipe == "channels":
     p.finetune_steps = 1
   return config
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  """XLA without most optimizations: these tests compile ~60 programs and run each twice."""
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
 
 
 @pytest.fixture(scope="module")
