@@ -797,8 +797,9 @@ class Experiment:
     the current masks) under the per-group constraints of ``config.mitigation``, or with plain
     cross-entropy when ``mitigation.constrained`` is False (the control arm).
     """
-    self.before_mitigation = self.outputs(test)
-    masks = self.before_mitigation["masks"]
+    if jax.process_count() == 1:  # test logits are gathered in single-process runs only
+      self.before_mitigation = self.outputs(test)
+    masks = self.current_masks()
     m, steps = self.config.mitigation, self.mitigation_steps
     lr = optax.cosine_decay_schedule(float(m.learning_rate), steps)
     if masks is None:
