@@ -9,8 +9,11 @@ how many keys lie below them — a fused compare-and-sum over each leaf, summed 
 sort, no concatenation, no gather: every pass is an elementwise op plus a reduction, which XLA
 fuses and partitions across devices like any other reduction, so sharded leaves stay sharded and
 ``scope="global"`` never builds a buffer of the total size. Keys equal to the threshold (ties)
-are pruned in a fixed index order (leaf order, then row-major index), found by the same radix
-select on the flat index inside a ``lax.cond`` that only runs when ties straddle the threshold.
+are pruned in a fixed index order (leaf order, then row-major index), found inside a
+``lax.cond`` that only runs when ties straddle the threshold: one fused count per axis, or a
+radix select over the position. No integer array of a leaf's size is ever built: XLA:CPU
+allocates an executable's temporaries at every call, untaken branches included, so they would
+cost every training step, not only the ones that update masks.
 """
 from __future__ import annotations
 
@@ -72,13 +75,16 @@ def _decode(key, ftype, bits):
   return lax.bitcast_convert_type(raw.astype(udt), ftype)
 
 
-def _count_many(arrays, predicates, group_axes):
+def _count_many(arrays, predicates, group_axes, *, per_array=False):
   """For each predicate ``f_j``: how many elements have ``f_j(a)`` true (per group, or in all).
 
   All predicates are counted in ONE variadic ``lax.reduce`` per array: one pass over memory, no
-  intermediate the size of the array.
+  intermediate the size of the array. (XLA:CPU does not fuse a single-output ``reduce``, nor an
+  output it can hoist out of a loop or drop as unused, with its producer: it writes an int32
+  copy of the array first. Callers count two or more predicates that they use.) With
+  ``per_array``, a list of one count array per array.
   """
-  total = None
+  per = []
   for a in arrays:
     axes = tuple(range(a.ndim)) if group_axes is None else tuple(group_axes)
     ops = tuple(f(a).astype(jnp.int32) for f in predicates)
@@ -87,8 +93,8 @@ def _count_many(arrays, predicates, group_axes):
     if group_axes is not None:
       kd = tuple(1 if i in axes else n for i, n in enumerate(a.shape))
       counts = tuple(c.reshape(kd) for c in counts)
-    total = counts if total is None else tuple(x + y for x, y in zip(total, counts))
-  return jnp.stack(total, axis=-1)
+    per.append(jnp.stack(counts, axis=-1))
+  return per if per_array else functools.reduce(jnp.add, per)
 
 
 def _count_below(arrays, thresholds, group_axes):
@@ -100,9 +106,10 @@ def _radix_select(count_below, k, bits, udt, prefix_shape):
   """The smallest key ``T`` with ``count(key <= T) >= k`` (``k >= 1``), built 4 bits a pass.
 
   ``count_below(cands)`` returns, for a list of candidate keys, the counts of keys below each,
-  stacked on a last axis. The passes run in a ``fori_loop``: its body is compiled once
-  (unrolling made compiles 5-10x slower). XLA copies the loop's read-only inputs into the loop
-  state, so the scores are held once more, leaf by leaf; no buffer spans several leaves.
+  stacked on a last axis. Keys must be below ``2**bits``. The passes run in a ``fori_loop``: its
+  body is compiled once (unrolling made compiles 5-10x slower). XLA copies the loop's read-only
+  inputs into the loop state, so the scores are held once more, leaf by leaf; no buffer spans
+  several leaves.
   """
   fan = 1 << _RADIX_BITS
   k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), prefix_shape)
@@ -124,18 +131,26 @@ def _group_shape(arrays, group_axes):
   return tuple(1 if i in group_axes else n for i, n in enumerate(arrays[0].shape))
 
 
-def _tie_rank(at: jax.Array, axes) -> jax.Array:
-  """How many ``True`` entries of ``at`` come before each entry in row-major order over
-  ``axes`` (the other axes index independent groups). Built from per-axis exclusive cumsums,
-  so the leaf is never flattened (sharded axes stay as they are)."""
+def _index_below(shape, axes, c) -> jax.Array:
+  """Whether each entry's row-major position among the entries of its group (over ``axes``; the
+  other axes index independent groups) is below ``c`` (uint32, one per group, broadcastable).
+
+  Compares the multi-index with the digits of ``c`` lexicographically, from 1-D iotas: no array
+  of positions exists, so none is hoisted out of the radix loop and materialized, and nothing
+  is flattened (sharded axes stay as they are).
+  """
   axes = sorted(axes)
-  at = at.astype(jnp.int32)
-  rank = jnp.zeros(at.shape, jnp.int32)
-  for n, d in enumerate(axes):
-    later = tuple(axes[n + 1:])
-    block = jnp.sum(at, axis=later, keepdims=True) if later else at
-    rank = rank + (_cumsum_explicit_safe(block, d) - block)
-  return rank
+  strides = [math.prod(shape[e] for e in axes[j + 1:]) for j in range(len(axes))]
+  below, equal = jnp.zeros((), bool), jnp.ones((), bool)
+  for j, (d, stride) in enumerate(zip(axes, strides)):
+    digit = c // np.uint32(stride)
+    if j:
+      digit = digit % np.uint32(shape[d])
+    i = jnp.arange(shape[d], dtype=jnp.uint32).reshape(
+        tuple(shape[d] if e == d else 1 for e in range(len(shape))))
+    below = below | (equal & (i < digit))
+    equal = equal & (i == digit)
+  return below
 
 
 def _cumsum_explicit_safe(x: jax.Array, axis: int) -> jax.Array:
@@ -150,6 +165,58 @@ def _cumsum_explicit_safe(x: jax.Array, axis: int) -> jax.Array:
   return jax.sharding.reshard(jnp.cumsum(gathered, axis=axis), sharding)
 
 
+def _first_ties_by_axis(a: jax.Array, at_of, take) -> jax.Array:
+  """:func:`_first_ties` over the whole leaf (``ndim >= 2``), one axis at a time: count the
+  ties at each index of axis ``d`` among the entries whose earlier indices are the ones already
+  found (one fused reduction to an ``[n_d]`` vector), and find in that vector's cumsum the index
+  holding the ``take``-th tie. One pass per axis; nothing of the leaf's size but the mask.
+  """
+  fixed = jnp.ones((), bool)     # entries whose indices on the axes done equal the ones found
+  before = jnp.zeros((), bool)   # entries that come before those in row-major order
+  for d in range(a.ndim):
+    others = tuple(e for e in range(a.ndim) if e != d)
+    i = jnp.arange(a.shape[d], dtype=jnp.int32).reshape(
+        tuple(a.shape[d] if e == d else 1 for e in range(a.ndim)))
+    # The ties of the whole slice bound those among the fixed entries: counting both (and
+    # using both) keeps the reduction variadic, so it fuses with the compare.
+    counts = _count_many([a], [lambda x, fixed=fixed: at_of(x) & fixed, at_of], others)
+    counts = jnp.minimum(counts[..., 0], counts[..., 1])
+    r = jnp.sum(_cumsum_explicit_safe(counts, d) < take, dtype=jnp.int32)
+    take = take - jnp.sum(jnp.where(i < r, counts, 0), dtype=jnp.int32)
+    before = before | (fixed & (i < r))
+    fixed = fixed & (i == r)
+  return at_of(a) & (before | fixed)
+
+
+def _first_ties(a: jax.Array, at_of, take, axes) -> jax.Array:
+  """The first ``take`` entries of ``a`` where ``at_of(a)`` holds, in row-major order over
+  ``axes`` (per group of the other axes; ``take`` is shaped like the groups, with values in
+  ``[1, count(at_of(a))]``). ``at_of`` is applied inside every pass, so no bool copy of the leaf
+  is held across the passes.
+
+  Over a whole leaf of 2 or more axes, one pass per axis (:func:`_first_ties_by_axis`).
+  Otherwise (a 1-D leaf, or groups, where a count per index would be as large as the leaf), a
+  radix select over the position, like the one over the float keys: the last position taken is
+  found 4 bits a pass by counting ties below 16 candidate positions in one fused reduction.
+  Either way: no int32 array of the leaf's size, nothing flattened.
+  """
+  axes = tuple(sorted(axes))
+  if len(axes) == a.ndim >= 2:
+    return _first_ties_by_axis(a, at_of, take)
+  n = math.prod(a.shape[d] for d in axes)
+  bits = -(-max(n, 2).bit_length() // _RADIX_BITS) * _RADIX_BITS
+  group_axes = None if len(axes) == a.ndim else axes
+  gshape = _group_shape([a], group_axes)
+
+  def count_below(cands):
+    return _count_many(
+        [a], [lambda x, c=c: at_of(x) & _index_below(x.shape, axes, c) for c in cands],
+        group_axes)
+
+  last = _radix_select(count_below, take, bits, jnp.uint32, gshape)
+  return at_of(a) & _index_below(a.shape, axes, last + np.uint32(1))
+
+
 @functools.partial(jax.jit, static_argnums=(2,))
 def _lowest(arrays: list[jax.Array], k, group_axes=None) -> list[jax.Array]:
   """Bool arrays marking exactly the ``k`` lowest scores (overall, or per group along
@@ -159,7 +226,10 @@ def _lowest(arrays: list[jax.Array], k, group_axes=None) -> list[jax.Array]:
   udt, _, neg_inf_key, pos_inf_key = _key_constants(ftype, bits)
   arrays = [a.astype(ftype) for a in arrays]
   gshape = _group_shape(arrays, group_axes)
-  n_nan = _count_many(arrays, [jnp.isnan], group_axes)[..., 0]
+  # Two forms of the NaN count (XLA cannot tell they are equal), both used: a single-output
+  # reduce would not fuse on XLA:CPU and would write an int32 copy of every leaf first.
+  nans = _count_many(arrays, [jnp.isnan, lambda a: ~(a >= -jnp.inf)], group_axes)
+  n_nan = jnp.minimum(nans[..., 0], nans[..., 1])
   n_all = sum(a.size for a in arrays) if group_axes is None else math.prod(
       arrays[0].shape[i] for i in group_axes)
 
@@ -176,7 +246,8 @@ def _lowest(arrays: list[jax.Array], k, group_axes=None) -> list[jax.Array]:
   nan_thresh = thresh == 0
   below_of = lambda a: (jnp.isnan(a) & ~nan_thresh) | (a < t)
   at_of = lambda a: jnp.where(nan_thresh, jnp.isnan(a), a == t)
-  counts = _count_many(arrays, [below_of, at_of], group_axes)
+  per_leaf = _count_many(arrays, [below_of, at_of], group_axes, per_array=True)
+  counts = functools.reduce(jnp.add, per_leaf)
   n_below, n_at = counts[..., 0], counts[..., 1]
   ties_to_take = k - n_below  # in [0, n_at]
 
@@ -185,20 +256,20 @@ def _lowest(arrays: list[jax.Array], k, group_axes=None) -> list[jax.Array]:
     return [below_of(a) | at_of(a) for a in arrays]
 
   def take_ties_by_index(arrays):
-    # Only leaves whose ties are split by the threshold need an index rank; there is at most
-    # one such leaf in global scope. Each leaf's rank is built inside its own cond.
+    # Only leaves whose ties are split by the threshold need an index order; there is at most
+    # one such leaf in global scope. Each leaf's index selection runs inside its own cond.
     out, before = [], jnp.zeros((), jnp.int32)
-    for a in arrays:
-      n_here = _count_many([a], [at_of], group_axes)[..., 0]
+    for a, leaf_counts in zip(arrays, per_leaf):
+      n_here = leaf_counts[..., 1]
       take = jnp.clip(ties_to_take - before, 0, n_here)
       if group_axes is None:
         before = before + n_here
       split = jnp.any((take > 0) & (take < n_here))
-      rank_axes = range(a.ndim) if group_axes is None else group_axes
-      by_rank = lambda a, take, rank_axes=rank_axes: below_of(a) | (
-          at_of(a) & (_tie_rank(at_of(a), rank_axes) < take))
+      rank_axes = tuple(range(a.ndim)) if group_axes is None else tuple(group_axes)
+      by_index = lambda a, take, rank_axes=rank_axes: below_of(a) | (
+          (take > 0) & _first_ties(a, at_of, jnp.maximum(take, 1), rank_axes))
       whole = lambda a, take: below_of(a) | (at_of(a) & (take > 0))
-      out.append(lax.cond(split, by_rank, whole, a, take))
+      out.append(lax.cond(split, by_index, whole, a, take))
     return out
 
   return lax.cond(jnp.all(ties_to_take == n_at), take_all_ties, take_ties_by_index, arrays)
