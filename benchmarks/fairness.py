@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
       f"Mitigation: groups = {config.groups}, ε = {config.epsilon}, dual step size "
       f"{config.dual_lr}, multipliers start at 0 and take one projected ascent step per "
       "training step. ε and the dual step size were set before the first run and not tuned; "
-      "the model setup (CNN, first conv dense) followed pilot runs (see the README, "What pruning costs").",
+      "the model setup (CNN, first conv dense) followed pilot runs (README: 'What pruning costs').",
       f"Seeds {list(config.seeds)}; std over seeds with ddof=0. Every drop is measured "
       "against the dense model of the same seed.",
       f"Training wall time {train_seconds:.0f} s on this machine (all arms and seeds).",
