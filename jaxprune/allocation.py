@@ -91,12 +91,15 @@ def erk_sparsities(params, sparsity: float, *, where: _tree.Where | None = None,
 
   Args:
     params: a pytree of arrays (only shapes are read; abstract arrays work).
-    sparsity: the overall fraction of prunable weights to remove, in [0, 1).
+    sparsity: the overall fraction of prunable weights to remove, in [0, 1); a jax array
+      (e.g. a schedule's value under ``jit``) works too.
     where: ``(path, leaf) -> bool`` choosing prunable leaves.
     power_scale: exponent on the ERK ratio (1.0 is ERK; 0.0 is uniform).
 
   Returns:
-    A tree like ``params`` of Python floats (0.0 on leaves that are not pruned).
+    A tree like ``params`` of Python floats (0.0 on leaves that are not pruned); of float32
+    scalars when ``sparsity`` is a jax array (the same fixed point, vectorized over the leaves
+    and iterated once per prunable leaf, which is enough to reach it).
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune as jp
@@ -115,6 +118,8 @@ def erk_sparsities(params, sparsity: float, *, where: _tree.Where | None = None,
   idx = [i for i, c in enumerate(chosen) if c]
   sizes = {i: math.prod(shapes[i]) for i in idx}
   raw = {i: (sum(shapes[i]) / sizes[i]) ** power_scale for i in idx}
+  if isinstance(sparsity, jax.Array):
+    return _erk_traced(sparsity, idx, sizes, raw, len(leaves), treedef)
   total = sum(sizes.values())
   dense: set[int] = set()
   while True:
@@ -133,6 +138,27 @@ def erk_sparsities(params, sparsity: float, *, where: _tree.Where | None = None,
       out.append(0.0)
     else:
       out.append(float(min(1.0, max(0.0, 1.0 - eps * raw[i]))))
+  return jax.tree.unflatten(treedef, out)
+
+
+def _erk_traced(sparsity, idx, sizes, raw, num_leaves, treedef):
+  """:func:`erk_sparsities`'s fixed point for a jax-array ``sparsity``, vectorized over the
+  prunable leaves; the loop runs once per leaf (a static count), which is enough to reach it."""
+  n = jnp.asarray([sizes[i] for i in idx], jnp.float32)
+  r = jnp.asarray([raw[i] for i in idx], jnp.float32)
+  s = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
+  total_keep = (1.0 - s) * jnp.float32(sum(sizes.values()))
+  dense = jnp.zeros(len(idx), bool)
+  eps = jnp.zeros((), jnp.float32)
+  for _ in range(len(idx)):
+    budget = total_keep - jnp.sum(jnp.where(dense, n, 0.0))
+    denom = jnp.sum(jnp.where(dense, 0.0, r * n))
+    eps = jnp.where(denom > 0, budget / jnp.where(denom > 0, denom, 1.0), 0.0)
+    dense = dense | (eps * r > 1.0)
+  per = jnp.where(dense, 0.0, jnp.clip(1.0 - eps * r, 0.0, 1.0))
+  out = [jnp.zeros((), jnp.float32)] * num_leaves
+  for j, i in enumerate(idx):
+    out[i] = per[j]
   return jax.tree.unflatten(treedef, out)
 
 

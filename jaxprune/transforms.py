@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxprune import _select, _tree, allocation
+from jaxprune import _tree, allocation
 from jaxprune.masks import topk_mask
 from jaxprune.scores import magnitude_scores, movement_scores, random_scores, saliency_scores
 
@@ -153,7 +153,7 @@ def allocate(params, s, distribution: str, where_by_path):
   """Per-leaf sparsities for the global sparsity ``s`` (float32 scalar, maybe traced)."""
   if distribution == "uniform":
     return s
-  return _select.erk_sparsities_traced(params, s, where=where_by_path)
+  return allocation.erk_sparsities(params, jnp.asarray(s, jnp.float32), where=where_by_path)
 
 
 def check_options(scope: str, distribution: str, update_every) -> None:

@@ -18,7 +18,6 @@ import pytest
 from conftest import ROOT, run_with_devices
 
 import jaxprune as jp
-from jaxprune import _select
 
 
 def _params(seed=0):
@@ -123,7 +122,7 @@ def test_structures(structure, check):
 @pytest.mark.parametrize("s", [0.3, 0.8, 0.95])
 def test_erk_distribution_matches_core(s):
   params = _params()
-  traced = jax.jit(lambda s: _select.erk_sparsities_traced(params, s))(s)
+  traced = jax.jit(lambda s: jp.erk_sparsities(params, s))(s)  # a traced sparsity
   core = jp.erk_sparsities(params, s)
   chex.assert_trees_all_close(traced, jax.tree.map(np.float32, core), atol=1e-6)
   tx = jp.magnitude_pruning(jp.constant_schedule(s), distribution="erk")
