@@ -219,3 +219,49 @@ def test_bad_mitigation_values_raise_naming_the_key():
   exp = train.Experiment(config, info, mesh=mesh)  # minority classes follow imbalance.classes
   assert exp.mitigation == fairness.Mitigation(0.0, 0.01, "minority", (0, 1, 2))
   assert exp.phases == [("train", 0, 200), ("mitigate", 200, 260)]
+
+
+def test_analyze_names_each_run_by_method_structure_and_arm(tmp_path, data_dir):
+  # Run directories written by hand (no training): what load_workdir calls each one.
+  labels = np.concatenate([b["label"][b["mask"]] for b in input_pipeline.get_datasets(
+      "mnist1d", batch_size=1, seed=0, eval_batch_size=500, data_dir=data_dir).test])
+  rng = np.random.default_rng(0)
+
+  def run(name, method, sparsity, seed=0, structure="unstructured", mitigation=None,
+          logits=None):
+    d = tmp_path / "runs" / name
+    d.mkdir(parents=True)
+    config = {"dataset": "mnist1d", "data_dir": data_dir, "model": "mlp",
+              "model_kwargs": {"mlp": {"hidden": [8]}}, "seed": seed,
+              "imbalance": {"classes": [], "keep_fraction": 1.0, "seed": 0},
+              "pruning": {"method": method, "sparsity": sparsity, "structure": structure},
+              "mitigation": mitigation or {"enabled": False}}
+    (d / "config.json").write_text(json.dumps(config))
+    out = rng.normal(size=(len(labels), 10)) if logits is None else logits
+    analyze.save_run_file(d / "predictions.npz", logits=out, labels=labels)
+    if mitigation:
+      analyze.save_run_file(d / "predictions_before_mitigation.npz", logits=out + 1,
+                            labels=labels)
+    return out
+
+  run("dense", "dense", 0.0)
+  run("nm24", "oneshot", 0.5, structure="2:4")
+  run("oneshot", "oneshot", 0.5)
+  constrained = {"enabled": True, "constrained": True, "epsilon": 0.1, "dual_lr": 0.2,
+                 "groups": "classes"}
+  shared = run("mitigated", "gmp", 0.9, mitigation=constrained)  # same pruned model ("before")
+  run("control", "gmp", 0.9, mitigation={**constrained, "constrained": False}, logits=shared)
+  wd = analyze.load_workdir(tmp_path / "runs")
+  assert sorted((r.method, r.sparsity) for r in wd.runs) == [
+      ("dense", 0.0), ("gmp", 0.9), ("gmp+finetune", 0.9), ("gmp+mitigation", 0.9),
+      ("oneshot", 0.5), ("oneshot 2:4", 0.5)]
+  assert (wd.config["epsilon"], wd.config["dual_lr"]) == (0.1, 0.2)
+  # The mitigated and control runs share their "gmp" (before): read once. Made to differ, the
+  # one name would hold two models: refused.
+  before = {r.method: r for r in wd.runs}["gmp"]
+  assert before.record["file"].endswith("control/predictions_before_mitigation.npz")
+  (tmp_path / "runs" / "mitigated" / "predictions_before_mitigation.npz").unlink()
+  analyze.save_run_file(tmp_path / "runs" / "mitigated" / "predictions_before_mitigation.npz",
+                        logits=rng.normal(size=(len(labels), 10)), labels=labels)
+  with pytest.raises(ValueError, match="logits differ"):
+    analyze.load_workdir(tmp_path / "runs")

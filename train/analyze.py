@@ -56,6 +56,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -271,7 +272,8 @@ def _load_train_runs(path: str) -> Workdir:
   ``config.json`` and ``predictions.npz``), as one :class:`Workdir`.
 
   Each run gives a :class:`Run` named by its ``pruning.method`` (``dense`` is the reference,
-  sparsity 0) at ``pruning.sparsity`` and ``seed``. A run with a ``mitigate`` phase gives two:
+  sparsity 0; a structure other than unstructured is appended, e.g. ``oneshot 2:4``) at
+  ``pruning.sparsity`` and ``seed``. A run with a ``mitigate`` phase gives two:
   the pruned model before it (``predictions_before_mitigation.npz``, named by the method) and
   after it (``<method>+mitigation``, or ``<method>+finetune`` for the unconstrained control
   arm). Runs that name the same (method, sparsity, seed) must have the same logits (e.g. the
@@ -317,6 +319,9 @@ def _load_train_runs(path: str) -> Workdir:
   for d in found:
     c = configs[d]
     method = c["pruning"]["method"]
+    structure = c["pruning"].get("structure") if method in ("oneshot", "gmp") else None
+    if structure and structure != "unstructured":
+      method = f"{method} {structure}"  # e.g. "oneshot 2:4" (nm24.py), apart from unstructured
     sparsity = 0.0 if method == "dense" else float(c["pruning"]["sparsity"])
     seed = int(c["seed"])
     final = os.path.join(d, PREDICTIONS)
@@ -768,7 +773,7 @@ def analyze(workdir: str | os.PathLike, out_dir: str | os.PathLike | None = None
     pies = _pies(wd, method, s)
     if pies is None:
       continue
-    name = f"pies_{method.replace('+', '-')}_s{s:g}.png"
+    name = f"pies_{re.sub(r'[^A-Za-z0-9_.-]', '-', method)}_s{s:g}.png"
     x = wd.x if wd.x.ndim in (2, 3) or (wd.x.ndim == 4 and wd.x.shape[-1] in (1, 3, 4)) else None
     md += [f"### {method}, sparsity {s:g}", "", pies.to_markdown(), ""]
     if x is not None:
