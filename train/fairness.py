@@ -19,9 +19,10 @@ given the pruning phase's masks (``replace_masks``): the pruned weights are scor
 so re-computing the masks at the same sparsity gives the same masks, and the transform emits
 ``-p`` for every pruned weight, which stays exactly 0.
 
-:func:`mitigation_finetune` is the fine-tuning routine both arms use; it is also the recipe
-option the main training loop can call (``config.mitigation.epsilon``, ``.dual_lr``,
-``.groups``; see :func:`mitigation_from_config`).
+:func:`mitigation_finetune` is the fine-tuning routine both arms use. The main training loop
+(``python -m train``) offers the same mitigation as a recipe option, ``config.mitigation``
+(a ``mitigate`` phase; ``train/configs/mitigation.py``), built from :class:`Mitigation`,
+:func:`mitigation_from_config` and :func:`finetune_optimizer`.
 
 Usage::
 
@@ -220,17 +221,8 @@ def mitigation_from_config(config: Mapping | Any) -> Mitigation | None:
   ``groups="minority"``, ``minority_classes``. No ``mitigation`` field, ``None``, or
   ``mitigation.enabled == False`` mean no mitigation.
 
-  Wiring it into the main loop (after pruning has reached its final sparsity)::
-
-      mitigation = fairness.mitigation_from_config(config)
-      if mitigation is not None:
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        result = fairness.mitigation_finetune(
-            graphdef, params, rest, jp.masks_from_state(optimizer.opt_state),
-            data.train.batch, steps=config.mitigation.steps, sparsity=None,
-            mitigation=mitigation, num_classes=data.info.num_classes,
-            learning_rate=config.mitigation.learning_rate, start_step=step)
-        nnx.update(model, result.params, result.rest)
+  The main loop reads it for its ``mitigate`` phase (``config.mitigation``; see
+  :meth:`train.train.Experiment.start_mitigation` and ``train/configs/mitigation.py``).
 
   Args:
     config: anything with an optional ``mitigation`` entry (attribute or key).
