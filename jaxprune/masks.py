@@ -6,14 +6,16 @@ scores are mapped to unsigned integer keys whose order is the float order (NaN l
 scores are pruned first; -0.0 equals +0.0). The ``k``-th smallest key is found by radix select:
 ``32 / 4 = 8`` passes (4 for bfloat16/float16 scores), each counting, for 16 candidate prefixes,
 how many keys lie below them — a fused compare-and-sum over each leaf, summed over leaves. No
-sort, no concatenation, no gather: every pass is an elementwise op plus a reduction, which XLA
-fuses and partitions across devices like any other reduction, so sharded leaves stay sharded and
-``scope="global"`` never builds a buffer of the total size. Keys equal to the threshold (ties)
-are pruned in a fixed index order (leaf order, then row-major index), found inside a
-``lax.cond`` that only runs when ties straddle the threshold: one fused count per axis, or a
-radix select over the position. No integer array of a leaf's size is ever built: XLA:CPU
-allocates an executable's temporaries at every call, untaken branches included, so they would
-cost every training step, not only the ones that update masks.
+sort, no concatenation, no gather: every pass is an elementwise op plus a reduction, so sharded
+leaves stay sharded and ``scope="global"`` never builds a buffer of the total size. When jit sees
+the leaves sharded (``Explicit`` mesh axes), the counts run in a ``shard_map``: each device sums
+its shards' counts and one ``psum`` per pass combines the devices (XLA alone would emit one
+collective per count, leaf and pass). Keys equal to the threshold (ties) are pruned in a fixed
+index order (leaf order, then row-major index), found inside a ``lax.cond`` that only runs when
+ties straddle the threshold: one fused count per axis, or a radix select over the position. No
+integer array of a leaf's size is ever built: XLA:CPU allocates an executable's temporaries at
+every call, untaken branches included, so they would cost every training step, not only the ones
+that update masks.
 """
 from __future__ import annotations
 
@@ -97,9 +99,10 @@ def _count_many(arrays, predicates, group_axes, *, per_array=False):
   return per if per_array else functools.reduce(jnp.add, per)
 
 
-def _count_below(arrays, thresholds, group_axes):
+def _count_below(arrays, thresholds, group_axes, *, per_array=False):
   """For each threshold ``t_j``: how many elements are ``< t_j``, in one pass."""
-  return _count_many(arrays, [lambda a, t=t: a < t for t in thresholds], group_axes)
+  return _count_many(arrays, [lambda a, t=t: a < t for t in thresholds], group_axes,
+                     per_array=per_array)
 
 
 def _radix_select(count_below, k, bits, udt, prefix_shape):
@@ -217,36 +220,119 @@ def _first_ties(a: jax.Array, at_of, take, axes) -> jax.Array:
   return at_of(a) & _index_below(a.shape, axes, last + np.uint32(1))
 
 
+def _add_counts(per, per_array=False):
+  """Sums per-leaf counts (the unsharded ``combine`` of :func:`_threshold`)."""
+  return per if per_array else functools.reduce(jnp.add, per)
+
+
+def _threshold(arrays, k, group_axes, n_all, combine):
+  """The radix select over the float order keys: the threshold key and, per array, the counts
+  ``[n_below, n_at]`` of scores below and at it. ``combine(per_array_counts, per_array=False)``
+  sums the arrays' counts (or, with ``per_array``, returns them, one per array): a plain sum
+  here, a sum of the local shards' counts and one ``psum`` in :func:`_threshold_sharded`.
+  """
+  ftype, bits = _compare_dtype(arrays)
+  udt, _, neg_inf_key, pos_inf_key = _key_constants(ftype, bits)
+  gshape = _group_shape(arrays, group_axes)
+  # Two forms of the NaN count (XLA cannot tell they are equal), both used: a single-output
+  # reduce would not fuse on XLA:CPU and would write an int32 copy of every leaf first.
+  nans = combine(_count_many(arrays, [jnp.isnan, lambda a: ~(a >= -jnp.inf)], group_axes,
+                             per_array=True))
+  n_nan = jnp.minimum(nans[..., 0], nans[..., 1])
+
+  def count_below(cands):
+    below = combine(_count_below(arrays, [_decode(c, ftype, bits) for c in cands], group_axes,
+                                 per_array=True))
+    c = jnp.stack(cands, axis=-1)
+    nan_col = n_nan.reshape(n_nan.shape + (1,))
+    return jnp.where(c == 0, 0, jnp.where(c <= neg_inf_key, nan_col,
+                                          jnp.where(c > pos_inf_key, n_all, nan_col + below)))
+
+  thresh = _radix_select(count_below, jnp.maximum(k, 1), bits, udt, gshape)
+  below_of, at_of = _below_and_at(thresh, ftype, bits)
+  per_leaf = combine(_count_many(arrays, [below_of, at_of], group_axes, per_array=True),
+                     per_array=True)
+  return thresh, per_leaf
+
+
+def _below_and_at(thresh, ftype, bits):
+  """Predicates: score below the threshold key ``thresh`` (NaN is lowest), and at it."""
+  t = _decode(thresh, ftype, bits)
+  nan_thresh = thresh == 0
+  below_of = lambda a: (jnp.isnan(a) & ~nan_thresh) | (a < t)
+  at_of = lambda a: jnp.where(nan_thresh, jnp.isnan(a), a == t)
+  return below_of, at_of
+
+
+def _mesh_axes(arrays):
+  """``(mesh, axes)`` when jit sees some array sharded over named mesh axes (``Explicit`` axes:
+  the array's type carries its ``PartitionSpec``), with ``axes[i]`` the mesh axes array ``i``
+  is split over; else ``None`` (unsharded, replicated, ``Auto`` axes, or several meshes)."""
+  mesh, axes = None, []
+  for a in arrays:
+    sharding = jax.typeof(a).sharding
+    names = set()
+    for entry in getattr(sharding, "spec", None) or ():
+      if isinstance(entry, str):
+        names.add(entry)
+      elif isinstance(entry, tuple):
+        names.update(entry)
+    if names:
+      if mesh is not None and sharding.mesh != mesh:
+        return None
+      mesh = sharding.mesh
+    axes.append(frozenset(names))
+  return None if mesh is None else (mesh, axes)
+
+
+def _threshold_sharded(arrays, k, n_all, mesh, axes):
+  """:func:`_threshold` inside ``shard_map`` over the arrays' mesh axes: each device counts its
+  shards of all arrays, sums them, and ONE ``psum`` per radix pass combines the devices (XLA
+  would partition every array's count separately: one collective per count, array and pass).
+  An array not split over some of those axes is counted only where their index is 0.
+  """
+  names = tuple(n for n in mesh.axis_names if any(n in a for a in axes))
+  P = jax.sharding.PartitionSpec
+  specs = [jax.typeof(a).sharding.spec if ax else P() for a, ax in zip(arrays, axes)]
+
+  def local(k, *shards):
+    first = {n: lax.axis_index(n) == 0 for n in names}
+
+    def own(count, ax):
+      missing = [first[n] for n in names if n not in ax]
+      return count if not missing else jnp.where(functools.reduce(jnp.logical_and, missing),
+                                                 count, 0)
+
+    def combine(per, per_array=False):
+      per = [own(c, ax) for c, ax in zip(per, axes)]
+      if per_array:
+        return lax.psum(jnp.stack(per), names)
+      return lax.psum(functools.reduce(jnp.add, per), names)
+
+    return _threshold(list(shards), k, None, n_all, combine)
+
+  thresh, per_leaf = jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), *specs), out_specs=(P(), P()), axis_names=set(names),
+      check_vma=False)(k, *arrays)
+  return thresh, list(per_leaf)
+
+
 @functools.partial(jax.jit, static_argnums=(2,))
 def _lowest(arrays: list[jax.Array], k, group_axes=None) -> list[jax.Array]:
   """Bool arrays marking exactly the ``k`` lowest scores (overall, or per group along
   ``group_axes`` of a single array). NaN is lowest; ties go by leaf order, then row-major index.
   """
   ftype, bits = _compare_dtype(arrays)
-  udt, _, neg_inf_key, pos_inf_key = _key_constants(ftype, bits)
   arrays = [a.astype(ftype) for a in arrays]
-  gshape = _group_shape(arrays, group_axes)
-  # Two forms of the NaN count (XLA cannot tell they are equal), both used: a single-output
-  # reduce would not fuse on XLA:CPU and would write an int32 copy of every leaf first.
-  nans = _count_many(arrays, [jnp.isnan, lambda a: ~(a >= -jnp.inf)], group_axes)
-  n_nan = jnp.minimum(nans[..., 0], nans[..., 1])
   n_all = sum(a.size for a in arrays) if group_axes is None else math.prod(
       arrays[0].shape[i] for i in group_axes)
-
-  def count_below(cands):
-    below = _count_below(arrays, [_decode(c, ftype, bits) for c in cands], group_axes)
-    c = jnp.stack(cands, axis=-1)
-    nan_col = n_nan.reshape(n_nan.shape + (1,))
-    return jnp.where(c == 0, 0, jnp.where(c <= neg_inf_key, nan_col,
-                                          jnp.where(c > pos_inf_key, n_all, nan_col + below)))
-
   k = jnp.asarray(k, jnp.int32)
-  thresh = _radix_select(count_below, jnp.maximum(k, 1), bits, udt, gshape)
-  t = _decode(thresh, ftype, bits)
-  nan_thresh = thresh == 0
-  below_of = lambda a: (jnp.isnan(a) & ~nan_thresh) | (a < t)
-  at_of = lambda a: jnp.where(nan_thresh, jnp.isnan(a), a == t)
-  per_leaf = _count_many(arrays, [below_of, at_of], group_axes, per_array=True)
+  sharded = _mesh_axes(arrays) if group_axes is None else None
+  if sharded is None:
+    thresh, per_leaf = _threshold(arrays, k, group_axes, n_all, _add_counts)
+  else:
+    thresh, per_leaf = _threshold_sharded(arrays, k, n_all, *sharded)
+  below_of, at_of = _below_and_at(thresh, ftype, bits)
   counts = functools.reduce(jnp.add, per_leaf)
   n_below, n_at = counts[..., 0], counts[..., 1]
   ties_to_take = k - n_below  # in [0, n_at]

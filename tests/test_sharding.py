@@ -60,3 +60,81 @@ def test_sharded_masks_equal_unsharded_and_keep_sharding():
   out = run_with_devices(CODE)
   assert "ok AxisType.Auto" in out and "ok AxisType.Explicit" in out, out
   assert "ok no-context" in out, out
+
+
+CODE_COLLECTIVES = r"""
+import re
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import jaxprune as jp
+
+def collectives(fn, *args):
+  # Collectives of the compiled program, split into those reachable from a conditional's branches
+  # (the tie-break, which runs for at most one leaf) and all others.
+  txt = jax.jit(fn).lower(*args).compile().as_text()
+  bodies, name = {}, None
+  for line in txt.splitlines():
+    m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line.rstrip())
+    if m:
+      name = m.group(1)
+      bodies[name] = []
+    elif name is not None:
+      bodies[name].append(line)
+  branches = set()
+  for lines in bodies.values():
+    for line in lines:
+      for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+        branches.update(g.strip().lstrip("%") for g in group.split(","))
+  todo = list(branches)
+  while todo:   # everything the branches call, transitively
+    for ref in re.findall(r"%([\w.\-]+)", "\n".join(bodies.get(todo.pop(), []))):
+      if ref in bodies and ref not in branches:
+        branches.add(ref)
+        todo.append(ref)
+  count = lambda c: sum(bool(re.search(r"= [^=]*? (all-gather|all-reduce|reduce-scatter|all-to-all"
+                                       r"|collective-permute)(-start)?\(", ln))
+                        for ln in bodies[c])
+  loops = [m for c in bodies if c not in branches for ln in bodies[c]
+           for m in re.findall(r" while\(.*body=%([\w.\-]+)", ln)]
+  outside = sum(count(c) for c in bodies if c not in branches)
+  return outside, [count(b) for b in loops]
+
+mesh = jax.make_mesh((4, 2), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
+n = 16
+keys = jax.random.split(jax.random.key(1), n)
+params = {f"w{i:02d}": jax.random.normal(keys[i], (32, 64)) for i in range(n)}
+params["w03"] = params["w03"].at[3:9].set(jnp.nan)
+params["w05"] = jnp.zeros((32, 64)).at[:, :5].set(-0.25)    # ties straddle the threshold
+params["w06"] = jnp.round(params["w06"] * 4) / 4
+specs = [P(None, "x"), P("x", None), P(None, "y"), P(("x", "y"), None), P(), P("x", "y")]
+shardings = {k: NamedSharding(mesh, specs[i % len(specs)]) for i, k in enumerate(params)}
+sharded = {k: jax.device_put(v, shardings[k]) for k, v in params.items()}
+with jax.set_mesh(mesh):
+  for s in (0.3, 0.7, 0.5005, 1.0, 0.0):
+    ref = jp.topk_mask(params, s, scope="global")
+    fn = lambda p, s: jp.topk_mask(p, s, scope="global")
+    masks = jax.jit(fn)(sharded, jnp.float32(s))     # traced sparsity: one compile
+    for k in params:
+      np.testing.assert_array_equal(np.asarray(masks[k]), np.asarray(ref[k]), err_msg=k)
+      assert masks[k].sharding.is_equivalent_to(shardings[k], 2), (k, masks[k].sharding)
+  bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), sharded)
+  ref = jp.topk_mask(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), 0.6, scope="global")
+  got = jax.jit(lambda p: jp.topk_mask(p, 0.6, scope="global"))(bf)
+  for k in params:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(ref[k]), err_msg=k)
+  vec = jax.device_put(params["w07"].ravel(), NamedSharding(mesh, P(("x", "y"))))
+  np.testing.assert_array_equal(np.asarray(jax.jit(jp.lowest_k)(vec, 700)),
+                                np.asarray(jp.lowest_k(params["w07"].ravel(), 700)))
+  small = {k: sharded[k] for k in list(params)[:4]}
+  outside_4, loops_4 = collectives(lambda p: jp.topk_mask(p, 0.5, scope="global"), small)
+  outside_n, loops_n = collectives(lambda p: jp.topk_mask(p, 0.5, scope="global"), sharded)
+print("outside", outside_4, outside_n, "loops", loops_4, loops_n)
+# NaN count, one psum per radix pass (the loop body), per-leaf counts: independent of n.
+assert outside_4 == outside_n == 3 and loops_4 == loops_n == [1], (outside_n, loops_n)
+print("ok collectives")
+"""
+
+
+def test_global_selection_has_one_collective_per_pass_and_equals_unsharded():
+  out = run_with_devices(CODE_COLLECTIVES)
+  assert "ok collectives" in out, out
