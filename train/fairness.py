@@ -278,15 +278,6 @@ def _apply(graphdef, params, rest, x, *, train: bool):
   return view(x), nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
 
 
-def _graph_key(graphdef):
-  """A hashable stand-in for a GraphDef (some hold lists, e.g. a Conv's padding)."""
-  try:
-    hash(graphdef)
-    return graphdef
-  except TypeError:
-    return repr(graphdef)
-
-
 _RUNNERS: dict = {}
 _EVALS: dict = {}
 
@@ -297,7 +288,7 @@ def _runner(graphdef, tx: optax.GradientTransformation, mitigation: Mitigation |
 
   Cached on ``(graphdef, tx, mitigation)`` so that several seeds reuse one compilation.
   """
-  key = (_graph_key(graphdef), tx, mitigation, num_groups)
+  key = (graphdef, tx, mitigation, num_groups)
   if key not in _RUNNERS:
     if len(_RUNNERS) > 64:
       _RUNNERS.clear()
@@ -644,13 +635,13 @@ def where_excluding(paths: tuple[str, ...]) -> _tree.Where | None:
 
 
 def _eval_fn(graphdef):
-  key = _graph_key(graphdef)
-  if key not in _EVALS:
+  """The jitted eval-mode logits of ``graphdef``'s model, one per (hashable) graphdef."""
+  if graphdef not in _EVALS:
     @jax.jit
     def logits(params, rest, x):
       return _apply(graphdef, params, rest, x, train=False)[0]
-    _EVALS[key] = logits
-  return _EVALS[key]
+    _EVALS[graphdef] = logits
+  return _EVALS[graphdef]
 
 
 def save_run(workdir: str, *, method: str, sparsity: float, seed: int, logits, params, rest,

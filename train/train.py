@@ -310,25 +310,6 @@ def channel_group_pruning(groups, sparsity, *, update_every: int, scope: str = "
 # ----------------------------------------------------------------------------- trainer
 
 
-class _Static:
-  """A jit static argument for a graphdef: hashed by value, or by ``repr`` when the graphdef
-  holds an unhashable attribute (e.g. a list ``padding``)."""
-
-  def __init__(self, value):
-    self.value = value
-    try:
-      hash(value)
-      self._key = ("value", value)
-    except TypeError:
-      self._key = ("repr", repr(value))
-
-  def __hash__(self):
-    return hash(self._key)
-
-  def __eq__(self, other):
-    return isinstance(other, _Static) and self._key == other._key
-
-
 def _replicate(tree, mesh):
   return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P()))
 
@@ -347,7 +328,7 @@ def _gradients(model_state, batch, multipliers, *, model_def, mesh, constraint):
   A module-level jit keyed by the model's graphdef: every recipe (and every phase) that trains
   the same architecture reuses one compiled program.
   """
-  model = nnx.merge(model_def.value, model_state)
+  model = nnx.merge(model_def, model_state)
 
   def loss_fn(model):
     logits = model(batch["x"])
@@ -372,8 +353,8 @@ def _gradients(model_state, batch, multipliers, *, model_def, mesh, constraint):
 @functools.partial(jax.jit, static_argnames=("model_def", "opt_def", "mesh", "sparsity_fn", "lr"))
 def _apply(model_state, opt_state, grads, *, model_def, opt_def, mesh, sparsity_fn, lr):
   """``optimizer.update(model, grads)`` (the pruning transforms run here), plus metrics."""
-  model = nnx.merge(model_def.value, model_state)
-  optimizer = nnx.merge(opt_def.value, opt_state)
+  model = nnx.merge(model_def, model_state)
+  optimizer = nnx.merge(opt_def, opt_state)
   rate = jnp.asarray(lr(optimizer.step[...]), jnp.float32)
   optimizer.update(model, grads)
   sparsity = sparsity_fn(nnx.as_pure(nnx.state(model, nnx.Param)))
@@ -384,14 +365,14 @@ def _apply(model_state, opt_state, grads, *, model_def, opt_def, mesh, sparsity_
 @functools.partial(jax.jit, static_argnames=("model_def", "mesh"))
 def _eval_logits(model_state, batch, *, model_def, mesh):
   """Logits of one (padded) eval batch, eval mode, replicated."""
-  model = models.eval_view(nnx.merge(model_def.value, model_state))
+  model = models.eval_view(nnx.merge(model_def, model_state))
   return _replicate(model(batch["x"]).astype(jnp.float32), mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("model_def", "mesh"))
 def _eval_sums(model_state, batch, *, model_def, mesh):
   """Correct predictions, summed loss and example count of one (padded) eval batch."""
-  model = models.eval_view(nnx.merge(model_def.value, model_state))
+  model = models.eval_view(nnx.merge(model_def, model_state))
   logits = model(batch["x"])
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   mask = batch["mask"]
@@ -456,7 +437,6 @@ class Trainer:
     self.model_def, model_state = nnx.split(model)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     self.opt_def, opt_state = nnx.split(optimizer)
-    self._model_key, self._opt_key = _Static(self.model_def), _Static(self.opt_def)
     state = {"model": model_state, "opt": opt_state}
     self.constraint = None
     if mitigation is not None:
@@ -506,9 +486,9 @@ class Trainer:
     """One optimizer step on ``batch`` (numpy, this process's rows); returns device metrics."""
     model_state, grads, multipliers, metrics = _gradients(
         self.state["model"], self.shard(batch), self.state.get("multipliers"),
-        model_def=self._model_key, mesh=self.mesh, constraint=self.constraint)
+        model_def=self.model_def, mesh=self.mesh, constraint=self.constraint)
     model_state, opt_state, more = _apply(
-        model_state, self.state["opt"], grads, model_def=self._model_key, opt_def=self._opt_key,
+        model_state, self.state["opt"], grads, model_def=self.model_def, opt_def=self.opt_def,
         mesh=self.mesh, sparsity_fn=self.sparsity, lr=self._lr)
     self.state = {"model": model_state, "opt": opt_state}
     if multipliers is not None:
@@ -526,14 +506,14 @@ class Trainer:
     logits, labels = [], []
     for b in test:
       out = np.asarray(_eval_logits(self.state["model"], self.shard(b),
-                                    model_def=self._model_key, mesh=self.mesh))
+                                    model_def=self.model_def, mesh=self.mesh))
       logits.append(out[b["mask"]])
       labels.append(b["label"][b["mask"]])
     return np.concatenate(logits), np.concatenate(labels)
 
   def evaluate(self, test: input_pipeline.EvalData) -> dict[str, float]:
     """``{"test_accuracy", "test_loss"}`` over the whole test split (eval mode)."""
-    sums = [_eval_sums(self.state["model"], self.shard(b), model_def=self._model_key,
+    sums = [_eval_sums(self.state["model"], self.shard(b), model_def=self.model_def,
                        mesh=self.mesh) for b in test]
     sums = jax.device_get(sums)
     count = sum(int(s["count"]) for s in sums)
@@ -864,13 +844,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+  subset = train_subset(config)
   data = input_pipeline.get_datasets(
       config.dataset, batch_size=config.batch_size, seed=config.seed,
       eval_batch_size=config.eval_batch_size, data_dir=config.data_dir,
-      train_indices=train_subset(config))
+      train_indices=subset)
   mesh = make_mesh()
   exp = Experiment(config, data.info, mesh=mesh)
-  if train_subset(config) is not None:
+  if subset is not None:
     imb = config.imbalance
     exp.notes.append(f"training split unbalanced on purpose: classes {list(imb.classes)} keep "
                      f"{imb.keep_fraction} of their examples ({data.info.num_train} examples "

@@ -19,13 +19,7 @@ def get_config():
   p = config.pruning
   p.method = "channels"
   p.sparsity = 0.5
-  p.update_every = 50
-  # Multiples of update_every, so that the masks are updated at end_step (exact final sparsity).
-  p.begin_step = config.get_ref("num_steps") // 10 // p.get_ref("update_every") \
-      * p.get_ref("update_every")
-  p.end_step = config.get_ref("num_steps") * 2 // 3 // p.get_ref("update_every") \
-      * p.get_ref("update_every")
-  p.power = 3
+  default.gradual_schedule(config)
   p.scope = "layerwise"  # or "global": one ranking over the channels of all groups
   p.finetune_steps = 1000
   return config

@@ -90,3 +90,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.mitigation.groups = "classes"
   config.mitigation.minority_classes = config.imbalance.get_ref("classes")
   return config
+
+
+def gradual_schedule(config: ml_collections.ConfigDict, update_every: int = 50) -> None:
+  """Sets ``config.pruning``'s cubic schedule (Zhu & Gupta 2017): masks every
+  ``update_every`` steps from 10% to 67% of ``num_steps``, both rounded down to multiples of
+  ``update_every`` (so that the masks are updated at ``end_step``: exact final sparsity). The
+  steps follow ``num_steps`` overrides (``get_ref``); an explicit override wins."""
+  p = config.pruning
+  p.update_every = update_every
+  every = p.get_ref("update_every")
+  p.begin_step = config.get_ref("num_steps") // 10 // every * every
+  p.end_step = config.get_ref("num_steps") * 2 // 3 // every * every
+  p.power = 3

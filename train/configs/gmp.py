@@ -13,13 +13,7 @@ def get_config():
   p = config.pruning
   p.method = "gmp"
   p.sparsity = 0.9
-  p.update_every = 50
-  # Multiples of update_every, so that the masks are updated at end_step (exact final sparsity).
-  p.begin_step = config.get_ref("num_steps") // 10 // p.get_ref("update_every") \
-      * p.get_ref("update_every")
-  p.end_step = config.get_ref("num_steps") * 2 // 3 // p.get_ref("update_every") \
-      * p.get_ref("update_every")
-  p.power = 3
+  default.gradual_schedule(config)
   p.structure = "unstructured"
   p.scope = "layerwise"
   # ERK (as RigL uses) keeps the small first conv and the head denser than the wide middle
