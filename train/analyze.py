@@ -66,7 +66,8 @@ import optax
 
 from jaxprune import _tree, analysis
 
-__all__ = ["Run", "Workdir", "analyze", "load_workdir", "main", "seed_metrics", "summary_rows"]
+__all__ = ["Run", "Workdir", "analyze", "load_workdir", "main", "mitigation_arms",
+           "mitigation_table", "save_run_file", "seed_metrics", "summary_rows"]
 
 MITIGATED = "pruned+mitigation"
 PRUNED = "pruned"
@@ -515,6 +516,12 @@ def mitigation_arms(rows: Sequence[dict], method: str,
   ``pruned`` is ``<base>`` (the pruned model the mitigation started from, or in
   :mod:`train.fairness` the plainly fine-tuned one), ``control`` is ``<base>+finetune`` (the
   same fine-tuning without constraints) if present, else None.
+
+  Examples:
+    >>> from train.analyze import mitigation_arms
+    >>> rows = [{"method": m, "sparsity": 0.9} for m in ("gmp", "gmp+mitigation")]
+    >>> [r and r["method"] for r in mitigation_arms(rows, "gmp+mitigation", 0.9)]
+    ['gmp', None, 'gmp+mitigation']
   """
   base = method[:-len(MITIGATION_SUFFIX)] if method.endswith(MITIGATION_SUFFIX) else method
   by = {(r["method"], r["sparsity"]): r for r in rows}
@@ -526,7 +533,18 @@ def mitigation_table(rows: Sequence[dict], sparsity: float,
                      method: str = MITIGATED) -> str | None:
   """Every summary metric at ``sparsity``: dense, pruned (before), the unconstrained control
   (if any) and ``method`` (after), and the change the mitigation made (after minus control,
-  or minus before when there is no control)."""
+  or minus before when there is no control).
+
+  Examples:
+    >>> from train.analyze import mitigation_table
+    >>> rows = [{"method": "gmp", "sparsity": 0.9, "accuracy_mean": 0.7, "accuracy_std": 0.0},
+    ...         {"method": "gmp+mitigation", "sparsity": 0.9, "accuracy_mean": 0.75,
+    ...          "accuracy_std": 0.01}]
+    >>> print(mitigation_table(rows, 0.9, "gmp+mitigation"))
+    | metric | dense | gmp (before) | gmp+mitigation (after) | after − before |
+    |---|---|---|---|---|
+    | accuracy | — | 0.700 ± 0.000 | 0.750 ± 0.010 | +0.050 |
+  """
   before, control, after = mitigation_arms(rows, method, sparsity)
   if before is None or after is None:
     return None

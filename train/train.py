@@ -59,8 +59,9 @@ from jaxprune import _tree, surgery
 from train import analyze, checkpointing, fairness, input_pipeline, models, reporting
 
 __all__ = [
-    "METHODS", "Experiment", "Trainer", "build_model", "channel_group_pruning", "make_lr",
-    "make_mesh", "make_where", "parse_structure", "train_and_evaluate",
+    "METHODS", "PREDICTIONS", "PREDICTIONS_BEFORE_MITIGATION", "Experiment", "Trainer",
+    "build_model", "channel_group_pruning", "make_lr", "make_mesh", "make_where",
+    "parse_structure", "save_predictions", "train_and_evaluate", "train_subset",
 ]
 
 METHODS = ("dense", "oneshot", "gmp", "imp", "set", "rigl", "channels")
@@ -500,6 +501,20 @@ class Trainer:
 
     Raises:
       ValueError: with several processes (each holds a slice of the split; not gathered).
+
+    Examples:
+      >>> import tempfile, optax
+      >>> from flax import nnx
+      >>> from train import input_pipeline, models, train
+      >>> ds = input_pipeline.get_datasets("mnist1d", batch_size=8, seed=0, eval_batch_size=300,
+      ...                                  data_dir=tempfile.mkdtemp())  # doctest: +ELLIPSIS
+      Downloading and preparing dataset ...
+      >>> model = models.create_model("mlp", input_shape=(40,), num_classes=10,
+      ...                             rngs=nnx.Rngs(0), hidden=(16,))
+      >>> t = train.Trainer(model, optax.adam(1e-2), mesh=train.make_mesh())
+      >>> logits, labels = t.predict(ds.test)  # 4 padded batches of 300, 1000 real rows
+      >>> logits.shape, labels.shape
+      ((1000, 10), (1000,))
     """
     if jax.process_count() > 1:
       raise ValueError("predict: the test logits are only gathered in a single-process run")
@@ -952,7 +967,19 @@ PREDICTIONS_BEFORE_MITIGATION = "predictions_before_mitigation.npz"
 
 
 def save_predictions(path: str, outputs: Mapping[str, Any]) -> None:
-  """Writes :meth:`Experiment.outputs` in the run-file format of :mod:`train.analyze`."""
+  """Writes :meth:`Experiment.outputs` in the run-file format of :mod:`train.analyze`.
+
+  Examples:
+    >>> import os, tempfile, numpy as np
+    >>> from train import train
+    >>> path = os.path.join(tempfile.mkdtemp(), train.PREDICTIONS)
+    >>> train.save_predictions(path, {
+    ...     "logits": np.zeros((2, 3)), "labels": np.array([0, 2]),
+    ...     "params": {"w": np.ones((3, 3))}, "rest": {}, "masks": {"w": np.eye(3, dtype=bool)},
+    ...     "multipliers": None})
+    >>> sorted(np.load(path).files)
+    ['label', 'logits', 'masks/w', 'params/w']
+  """
   analyze.save_run_file(path, logits=outputs["logits"], labels=outputs["labels"],
                         params=outputs["params"], rest=outputs["rest"], masks=outputs["masks"],
                         multipliers=outputs["multipliers"])
