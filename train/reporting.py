@@ -114,7 +114,8 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """The lines of ``workdir/metrics.jsonl`` as dicts ([] if there is no file).
+  """The lines of ``workdir/metrics.jsonl`` as dicts ([] if there is no file); see
+  :func:`train.workdir.read_metrics`.
 
   Examples:
     >>> import tempfile
@@ -122,11 +123,8 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     >>> reporting.read_metrics(tempfile.mkdtemp())
     []
   """
-  path = os.path.join(os.fspath(workdir), "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  from train import workdir as workdir_lib  # tolerates a torn last line, names the file
+  return workdir_lib.read_metrics(workdir)
 
 
 class LayerRow(dict):

@@ -56,7 +56,8 @@ from jax.sharding import PartitionSpec as P
 
 import jaxprune as jp
 from jaxprune import _tree, surgery
-from train import analyze, checkpointing, fairness, input_pipeline, models, reporting
+from train import analyze, checkpointing, fairness, input_pipeline, models, reporting, validation
+from train import workdir as workdir_lib
 
 __all__ = [
     "METHODS", "PREDICTIONS", "PREDICTIONS_BEFORE_MITIGATION", "Experiment", "Trainer",
@@ -855,10 +856,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   t_start = time.time()
   is_main = jax.process_index() == 0  # the one process that writes files other than checkpoints
+  validation.validate_config(config, methods=METHODS)
+  change = workdir_lib.check_config(workdir, config)  # another config: refused, nothing written
+  validation.prepare_dataset(config)
   os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   subset = train_subset(config)
   data = input_pipeline.get_datasets(
       config.dataset, batch_size=config.batch_size, seed=config.seed,
@@ -866,6 +867,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_indices=subset)
   mesh = make_mesh()
   exp = Experiment(config, data.info, mesh=mesh)
+  if is_main:  # only now that the config has been validated
+    workdir_lib.write_config(workdir, config, change)
+  exp.notes += workdir_lib.change_notes(change)
   if subset is not None:
     imb = config.imbalance
     exp.notes.append(f"training split unbalanced on purpose: classes {list(imb.classes)} keep "
@@ -887,7 +891,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from tqdm import tqdm
   bar = tqdm(total=exp.total_steps, initial=resume_step, disable=not config.progress,
              desc=f"{exp.method} {config.model}", dynamic_ncols=True, mininterval=1.0)
-  with reporting.MetricsWriter(workdir, resume_step=resume_step, enabled=is_main) as writer:
+  with workdir_lib.MetricsLog(workdir, enabled=is_main) as writer:
     for phase, ((name, begin, end), ckpt_dir) in enumerate(zip(exp.phases, ckpt_dirs,
                                                                strict=True)):
       if name == "mitigate":
@@ -909,6 +913,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           exp.trainer.state = {k: restored[k] for k in exp.trainer.state}
           exp.load_extra_state(restored["extra"])
           start = int(restored["step"])
+          writer.resume(start)
           elapsed_before = float(restored["elapsed"])
         pending = []
         for t in range(start, end):
@@ -918,6 +923,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if done % config.log_every == 0 or done == end:
             logs = jax.device_get(pending)
             pending = []
+            validation.check_finite_metrics(logs, done, phase=name)
             mean = {k: float(np.mean([m[k] for m in logs])) for k in logs[0]}
             writer.write(done, mean, prefix="train/")
             bar.set_postfix(loss=f"{mean['loss']:.3f}", acc=f"{mean['accuracy']:.3f}",
@@ -928,6 +934,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 exp.trainer.sparsity(exp.trainer.params())))}, prefix="eval/")
           bar.update(1)
           if done % config.checkpoint_every == 0 or done == end:
+            validation.check_finite_params(exp.trainer.params(), done, phase=name)
             elapsed = elapsed_before + time.time() - t_start
             ckpts.save(done, {**exp.trainer.state, "step": done, "elapsed": elapsed,
                               "extra": exp.extra_state()}, force=done == end)
@@ -945,7 +952,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.write(exp.total_steps, final, prefix="final/")
 
   if is_main:
-    np.savez(os.path.join(workdir, "params.npz"), **_flat(nnx.state(exp.trainer.model())))
+    with workdir_lib.atomic_open(os.path.join(workdir, "params.npz"), "wb") as f:
+      np.savez(f, **_flat(nnx.state(exp.trainer.model())))
     outputs = None
     if jax.process_count() == 1:
       outputs = exp.outputs(data.test)
