@@ -46,6 +46,7 @@ processes) have no checksum (``None``): each process only sees its own shards.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -391,10 +392,18 @@ class Checkpoints:
         _check_signature(expected, _abstract_signature(target))
       except (KeyError, TypeError, ValueError) as e:
         raise _Unusable(f"its checksums are malformed: {_short(e)}") from e
+    failure = None
     try:
       restored = self._ckptr.load(step, target)
     except Exception as e:  # noqa: BLE001 -- orbax/TensorStore raise many kinds
-      raise _Unusable(f"orbax cannot read it: {_short(e)}") from e
+      failure = f"orbax cannot read it: {_short(e)}"
+    if failure is not None:
+      # A failed orbax load leaves coroutines that were never awaited; collect them here, so
+      # their RuntimeWarnings do not surface later (as errors under -W error).
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        gc.collect()
+      raise _Unusable(failure)
     if expected is None:
       warnings.warn(f"checkpoints: step {step} of {self.directory} has no checksums (saved "
                     "before they were written); loaded unverified", CheckpointIntegrityWarning,

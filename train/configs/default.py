@@ -16,6 +16,9 @@ Keys:
 * ``learning_rate``, ``lr_schedule`` (``cosine`` or ``constant``), ``warmup_steps``,
   ``weight_decay`` (Adam, or AdamW when ``> 0``).
 * ``checkpoint_every``, ``keep_checkpoints``, ``eval_every``, ``log_every``, ``progress``.
+* ``allow_config_change``: a rerun in an existing ``--workdir`` continues only with the config
+  it was started with (``train/workdir.py``); list here the keys it may change on purpose,
+  comma-separated (``num_steps,pruning.sparsity``; ``*``: any), and the change is recorded.
 * ``pruning``: a nested ConfigDict; ``pruning.method`` picks the jaxprune factory and the
   other fields are its keyword arguments (see each recipe file). ``pruning.sparsity`` is the
   fraction of weights removed; ``pruning.where`` is ``None`` (jaxprune's default: every float
@@ -69,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every = 500
   config.log_every = 50
   config.progress = True
+  config.allow_config_change = ""
 
   config.pruning = ml_collections.ConfigDict()
   config.pruning.method = "dense"
