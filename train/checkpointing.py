@@ -28,9 +28,9 @@ Guarantees (from orbax, checked in ``tests/test_checkpointing.py``):
   without one (e.g. from ``nnx.eval_shape``) get ``default_sharding`` (first device), which also
   keeps orbax from warning "Sharding info not provided".
 
-Integrity (checked in ``tests/test_checkpointing.py``). orbax 0.12.8 checksums only the
-index of its zarr3 shards (``crc32c`` in ``index_codecs``), not the array data: a flipped byte
-in a data file mostly loads without an error. So :meth:`Checkpoints.save` stores, in the step's
+Integrity (checked in ``tests/test_checkpoint_integrity.py``). orbax 0.12.8 (TensorStore)
+checksums the index of its zarr3 shards (``crc32c`` in ``index_codecs``) and its OCDBT b-tree
+nodes, not the array bytes: a flipped byte in array data mostly loads without an error. So :meth:`Checkpoints.save` stores, in the step's
 ``custom_metadata`` (committed atomically with the step by orbax), the sha256 of every leaf's
 dtype, shape and bytes (:func:`tree_digests`), and :meth:`Checkpoints.restore` recomputes them
 on the restored tree and compares. A checkpoint that orbax cannot read, that holds another
@@ -288,6 +288,9 @@ class Checkpoints:
 
   def save(self, step: int, state: Any, *, force: bool = False) -> bool:
     """Saves ``state`` at ``step`` if ``step % every == 0`` or ``force``; blocks until committed.
+
+    The step's ``custom_metadata`` holds the checksums :meth:`restore` verifies
+    (:func:`tree_digests`).
 
     A step that already has a checkpoint is not written again (e.g. the final forced save of a
     run that was just restored at that step).
