@@ -30,18 +30,19 @@ Guarantees (from orbax, checked in ``tests/test_checkpointing.py``):
 
 Integrity (checked in ``tests/test_checkpoint_integrity.py``). orbax 0.12.8 (TensorStore)
 checksums the index of its zarr3 shards (``crc32c`` in ``index_codecs``) and its OCDBT b-tree
-nodes, not the array bytes: a flipped byte in array data mostly loads without an error. So :meth:`Checkpoints.save` stores, in the step's
-``custom_metadata`` (committed atomically with the step by orbax), the sha256 of every leaf's
-dtype, shape and bytes (:func:`tree_digests`), and :meth:`Checkpoints.restore` recomputes them
-on the restored tree and compares. A checkpoint that orbax cannot read, that holds another
-tree (other paths, shapes or dtypes), or whose data differ from its checksums is never
-returned: ``restore()`` of the latest step then falls back to the newest intact one, warns
-(:class:`CheckpointIntegrityWarning`) naming the bad ones and moves them aside
-(``<step>.corrupt``), so that later saves of those steps are written again; if no checkpoint is
-intact it raises :class:`CheckpointIntegrityError` naming each one and why. A checkpoint saved
-without checksums (before this check existed) loads with a warning that it is unverified.
-Arrays that are neither fully addressable nor fully replicated on this process (sharded across
-processes) have no checksum (``None``): each process only sees its own shards.
+nodes, not the array bytes: a flipped byte in array data mostly loads without an error. So
+:meth:`Checkpoints.save` stores, in the step's ``custom_metadata`` (committed atomically with
+the step by orbax), the sha256 of every leaf's dtype, shape and bytes (:func:`tree_digests`),
+and :meth:`Checkpoints.restore` recomputes them on the restored tree and compares. A
+checkpoint that orbax cannot read, that holds another tree (other paths, shapes or dtypes), or
+whose data differ from its checksums is never returned: ``restore()`` of the latest step then
+falls back to the newest intact one, warns (:class:`CheckpointIntegrityWarning`) naming the bad
+ones and moves them aside (``<step>.corrupt``), so that later saves of those steps are written
+again; if no checkpoint is intact it raises :class:`CheckpointIntegrityError` naming each one
+and why. A checkpoint saved without checksums (before this check existed) loads with a warning
+that it is unverified. Arrays that are neither fully addressable nor fully replicated on this
+process (sharded across processes) have no checksum (``None``): each process only sees its own
+shards.
 """
 
 from __future__ import annotations
