@@ -60,7 +60,8 @@ from jaxprune.surgery._types import ChannelGroup, Member
 __all__ = ["ChannelGroup", "Member", "channel_groups", "group_scores", "group_masks", "shrink",
            "module_fn", "shrink_module", "register_layer"]
 
-for _obj in (ChannelGroup, Member, channel_groups, group_scores, group_masks, shrink, module_fn,
-             shrink_module, register_layer):
-  _obj.__module__ = __name__  # documented (and pickled) as jaxprune.surgery.<name>
-del _obj
+# documented as jaxprune.surgery.<name> (and their doctests collected once, here), as jax does
+for _fn in (channel_groups, group_scores, group_masks, shrink, module_fn, shrink_module,
+            register_layer):
+  _fn.__module__ = __name__
+del _fn

@@ -98,7 +98,8 @@ def _probe(fn, leaves, treedef, inputs, closed, leaf_axes, atoms) -> str | None:
   return _same_program(closed, other)
 
 
-def analyze(fn: Callable, params, inputs, where) -> Analysis:
+def analyze(fn: Callable[..., Any], params: Any, inputs: tuple, where: _tree.Where | None
+            ) -> Analysis:
   paths, leaves, treedef, chosen = _tree.selected(params, where, require_any=False)
   closed = jax.make_jaxpr(fn)(params, *inputs)
   jaxpr = closed.jaxpr
@@ -182,8 +183,8 @@ def analyze(fn: Callable, params, inputs, where) -> Analysis:
   return Analysis(paths, leaves, treedef, tuple(groups))
 
 
-def channel_groups(fn: Callable, params, *inputs, where: _tree.Where | None = None
-                   ) -> tuple[ChannelGroup, ...]:
+def channel_groups(fn: Callable[..., Any], params: Any, *inputs: Any,
+                   where: _tree.Where | None = None) -> tuple[ChannelGroup, ...]:
   """The groups of coupled parameter axes of ``fn``, found by tracing it.
 
   Args:

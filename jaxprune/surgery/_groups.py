@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import numpy as np
 
 from jaxprune import _tree
 from jaxprune import masks as masks_lib
-from jaxprune.surgery._types import Member
+from jaxprune.surgery._types import ChannelGroup, Member
 
 
 def _member_table(groups, params):
@@ -34,7 +36,8 @@ def _per_position(values: jax.Array, x, m: Member, size: int) -> jax.Array:
   return jnp.zeros(size, jnp.float32).at[m.index[valid]].add(per_pos[valid])
 
 
-def group_scores(groups, params, scores=None) -> dict[str, jax.Array]:
+def group_scores(groups: Sequence[ChannelGroup], params: Any, scores: Any = None
+                 ) -> dict[str, jax.Array]:
   """One score per channel of every prunable group (larger = more important).
 
   Args:
@@ -82,7 +85,8 @@ def group_scores(groups, params, scores=None) -> dict[str, jax.Array]:
   return out
 
 
-def group_masks(groups, params, sparsity, *, scores=None, scope: str = "layerwise"):
+def group_masks(groups: Sequence[ChannelGroup], params: Any, sparsity: Any, *, scores: Any = None,
+                scope: str = "layerwise") -> Any:
   """Masks that remove the lowest-scoring channels of every prunable group, in all its members.
 
   This is ``topk_mask(..., structure=channels())`` extended to coupled groups: each group is

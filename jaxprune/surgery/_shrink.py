@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +58,8 @@ def _check_masks(params, masks) -> list:
   return mleaves
 
 
-def shrink(fn: Callable, params, masks, *inputs, where: _tree.Where | None = None,
-           strict: bool = True, verify: bool = True):
+def shrink(fn: Callable[..., Any], params: Any, masks: Any, *inputs: Any,
+           where: _tree.Where | None = None, strict: bool = True, verify: bool = True) -> Any:
   """Smaller params: removes every channel the masks remove from a whole group.
 
   ``fn(shrink(fn, params, masks, x), x)`` equals ``fn(apply_masks(params, masks), x)`` for
