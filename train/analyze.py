@@ -437,7 +437,7 @@ def analyze(workdir: str | os.PathLike, out_dir: str | os.PathLike | None = None
     >>> _ = (d / "runs.json").write_text(json.dumps(
     ...     [{"method": "dense", "sparsity": 0, "seed": 0, "file": "runs/a.npz"}]))
     >>> path = analyze.analyze(d, sections=[analyze.summary_section])
-    >>> print(open(path).read().splitlines()[4])
+    >>> print(pathlib.Path(path).read_text().splitlines()[4])
     | method | sparsity | seeds | accuracy | worst-class drop | gap most/least hurt | PIEs |
   """
   wd = load_workdir(workdir)

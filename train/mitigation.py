@@ -240,7 +240,7 @@ def mitigation_table(rows: Sequence[dict], sparsity: float,
     >>> rows = [{"method": "gmp", "sparsity": 0.9, "accuracy_mean": 0.7, "accuracy_std": 0.0},
     ...         {"method": "gmp+mitigation", "sparsity": 0.9, "accuracy_mean": 0.75,
     ...          "accuracy_std": 0.01}]
-    >>> print(mitigationmarkdown_table(rows, 0.9, "gmp+mitigation"))
+    >>> print(mitigation_table(rows, 0.9, "gmp+mitigation"))
     | metric | dense | gmp (before) | gmp+mitigation (after) | after − before |
     |---|---|---|---|---|
     | accuracy | — | 0.700 ± 0.000 | 0.750 ± 0.010 | +0.050 |

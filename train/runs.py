@@ -119,10 +119,10 @@ def write_config(workdir: str | os.PathLike, config: Any) -> str:
   Returns the file's path.
 
   Examples:
-    >>> import json, tempfile
+    >>> import json, pathlib, tempfile
     >>> from train import runs
     >>> path = runs.write_config(tempfile.mkdtemp(), {"num_classes": 3})
-    >>> json.load(open(path))
+    >>> json.loads(pathlib.Path(path).read_text())
     {'num_classes': 3}
   """
   path = os.path.join(os.fspath(workdir), CONFIG)
