@@ -6,18 +6,18 @@ an experiment directory of :mod:`benchmarks.fairness`; the formats are described
 elsewhere). The report is a sequence of sections (:data:`SECTIONS`), each a function of one
 :class:`Report` that returns its markdown lines and writes its plots:
 
-=========================  ===================================================================
-:func:`header_section`     title; model, dataset, minority classes, test examples
-:func:`summary_section`    every metric per method and sparsity, mean ± std over seeds
-:func:`mitigation_section` when a ``+mitigation`` method is present: before / control / after
-                           on every metric, final multipliers, training loss per class
-:func:`per_class_section`  per-class change bars and per-class tables
-:func:`exemplars_section`  pruning-identified exemplars and their gallery
-:func:`seed_spread_section`  the spread of accuracy over seeds
-:func:`curves_section`     accuracy (and minority accuracy) vs sparsity bands
-:func:`sensitivity_section`  a layer-sensitivity heatmap of the dense model
+============================  ====================================================================
+:func:`header_section`        title; model, dataset, minority classes, test examples
+:func:`summary_section`       every metric per method and sparsity, mean ± std over seeds
+:func:`mitigation_section`    with a ``+mitigation`` method: before / control / after on every
+                              metric, final multipliers, training loss per class
+:func:`per_class_section`     per-class change bars and per-class tables
+:func:`exemplars_section`     pruning-identified exemplars and their gallery
+:func:`seed_spread_section`   the spread of accuracy over seeds
+:func:`curves_section`        accuracy (and minority accuracy) vs sparsity bands
+:func:`sensitivity_section`   a layer-sensitivity heatmap of the dense model
 :func:`mask_overlap_section`  mask overlap per layer across seeds
-=========================  ===================================================================
+============================  ====================================================================
 
 The numbers come from :mod:`train.summary`; the mitigation table from :mod:`train.mitigation`.
 
