@@ -56,7 +56,8 @@ from jax.sharding import PartitionSpec as P
 
 import jaxprune as jp
 from jaxprune import _tree, surgery
-from train import analyze, checkpointing, fairness, input_pipeline, models, reporting
+from train import checkpointing, input_pipeline, models, reporting, runs
+from train import mitigation as mitigation_lib
 
 __all__ = [
     "METHODS", "PREDICTIONS", "PREDICTIONS_BEFORE_MITIGATION", "Experiment", "Trainer",
@@ -322,7 +323,7 @@ def _gradients(model_state, batch, multipliers, *, model_def, mesh, constraint):
 
   ``constraint``: None (mean cross-entropy; ``multipliers`` is None and comes back None) or
   ``(mitigation, num_groups)``: the gradient is that of the Lagrangian of the per-group loss
-  constraints (:meth:`train.fairness.Mitigation.lagrangian`, measured on this batch) and the
+  constraints (:meth:`train.mitigation.Mitigation.lagrangian`, measured on this batch) and the
   multipliers take one projected dual ascent step
   (:func:`jaxprune.analysis.dual_ascent_update`) with the same violations.
 
@@ -346,7 +347,8 @@ def _gradients(model_state, batch, multipliers, *, model_def, mesh, constraint):
   accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
   metrics = {"loss": loss, "accuracy": accuracy}
   if constraint is not None:
-    metrics.update(max_violation=jnp.max(violations), max_multiplier=jnp.max(multipliers))
+    metrics.update(max_violation=jnp.max(violations), max_multiplier=jnp.max(multipliers),
+                   violations=violations)
     multipliers = jp.analysis.dual_ascent_update(multipliers, violations, constraint[0].dual_lr)
   return _replicate((nnx.state(model), grads, multipliers, metrics), mesh)
 
@@ -407,10 +409,11 @@ class Trainer:
     mesh: from :func:`make_mesh`.
     sparsity_fn: ``params -> float32 scalar`` logged as ``sparsity`` (jit-able).
     lr: the learning-rate schedule (logged).
-    mitigation: train under per-group loss constraints (:class:`train.fairness.Mitigation`):
+    mitigation: train under per-group loss constraints (:class:`train.mitigation.Mitigation`):
       the state then holds the Lagrange multipliers (``state["multipliers"]``, float32
       ``(num_groups,)``, starting at 0), every step descends the Lagrangian and takes one
-      dual ascent step, and ``max_violation`` / ``max_multiplier`` are logged.
+      dual ascent step, ``max_violation`` / ``max_multiplier`` are logged and the step's
+      metrics hold the per-group ``violations``.
     num_classes: the number of classes (needed with ``mitigation``).
 
   Examples:
@@ -428,7 +431,8 @@ class Trainer:
   def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, *,
                mesh: jax.sharding.Mesh, sparsity_fn: Callable | None = None,
                lr: optax.Schedule | None = None,
-               mitigation: fairness.Mitigation | None = None, num_classes: int | None = None):
+               mitigation: mitigation_lib.Mitigation | None = None,
+               num_classes: int | None = None):
     self.mesh = mesh
     self.replicated = NamedSharding(mesh, P())
     self.batch_sharding = NamedSharding(mesh, P("data"))
@@ -612,7 +616,7 @@ class Experiment:
       end = self.phases[-1][2]
       self.phases.append(("mitigate", end, end + self.mitigation_steps))
 
-  def _mitigation_config(self) -> tuple[fairness.Mitigation | None, int]:
+  def _mitigation_config(self) -> tuple[mitigation_lib.Mitigation | None, int]:
     """``(constraints or None, steps)`` of the ``mitigate`` phase; steps 0: no such phase."""
     m = self.config.get("mitigation")
     if m is None or not m.get("enabled", False):
@@ -624,7 +628,8 @@ class Experiment:
       raise ValueError(f"mitigation.learning_rate: must be > 0, got {m.get('learning_rate')}")
     constraint = None
     if m.get("constrained", True):
-      constraint = fairness.mitigation_from_config(self.config).validate(self.info.num_classes)
+      constraint = mitigation_lib.mitigation_from_config(self.config).validate(
+          self.info.num_classes)
     return constraint, steps
 
   @property
@@ -787,7 +792,7 @@ class Experiment:
   def start_mitigation(self, test: input_pipeline.EvalData) -> None:
     """Keeps the pruned model's outputs and makes the trainer of the ``mitigate`` phase.
 
-    The phase fine-tunes with the masks fixed (:func:`train.fairness.finetune_optimizer`:
+    The phase fine-tunes with the masks fixed (:func:`train.mitigation.finetune_optimizer`:
     Adam with a cosine decay from ``mitigation.learning_rate``, then a pruning link holding
     the current masks) under the per-group constraints of ``config.mitigation``, or with plain
     cross-entropy when ``mitigation.constrained`` is False (the control arm).
@@ -800,24 +805,16 @@ class Experiment:
     if masks is None:
       tx = optax.adam(lr)
     else:
-      tx = fairness.finetune_optimizer(float(m.learning_rate), steps, 0.0, None, self.where)
+      tx = mitigation_lib.finetune_optimizer(float(m.learning_rate), steps, 0.0, None, self.where)
     model = self.trainer.model()
     sparsity_fn = self.trainer.sparsity
     self.trainer = Trainer(model, tx, mesh=self.mesh, lr=lr, sparsity_fn=sparsity_fn,
                            mitigation=self.mitigation, num_classes=self.info.num_classes)
     if masks is not None:
-      optimizer = self.trainer.optimizer()
-      pure = jp.replace_masks(nnx.as_pure(optimizer.opt_state), masks)
-      nnx.update(optimizer.opt_state, nnx.state(pure))
-      self.trainer.set_state(model, optimizer)
+      mitigation_lib.hold_masks(self.trainer, masks)
 
 
 # ----------------------------------------------------------------------------- the loop
-
-
-def _flat(tree) -> dict[str, np.ndarray]:
-  paths, leaves, _ = _tree.flatten(tree)
-  return {p: np.asarray(x) for p, x in zip(paths, leaves, strict=True)}
 
 
 def _final_counts(params) -> tuple[int, int]:
@@ -857,8 +854,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is_main = jax.process_index() == 0  # the one process that writes files other than checkpoints
   os.makedirs(workdir, exist_ok=True)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    runs.write_config(workdir, config)
   subset = train_subset(config)
   data = input_pipeline.get_datasets(
       config.dataset, batch_size=config.batch_size, seed=config.seed,
@@ -918,7 +914,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if done % config.log_every == 0 or done == end:
             logs = jax.device_get(pending)
             pending = []
-            mean = {k: float(np.mean([m[k] for m in logs])) for k in logs[0]}
+            mean = {k: float(np.mean([m[k] for m in logs])) for k in logs[0]
+                    if np.ndim(logs[0][k]) == 0}  # scalars (not per-group violations)
             writer.write(done, mean, prefix="train/")
             bar.set_postfix(loss=f"{mean['loss']:.3f}", acc=f"{mean['accuracy']:.3f}",
                             sparsity=f"{mean['sparsity']:.3f}", refresh=False)
@@ -945,7 +942,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.write(exp.total_steps, final, prefix="final/")
 
   if is_main:
-    np.savez(os.path.join(workdir, "params.npz"), **_flat(nnx.state(exp.trainer.model())))
+    runs.save_params(workdir, nnx.state(exp.trainer.model()))
     outputs = None
     if jax.process_count() == 1:
       outputs = exp.outputs(data.test)
@@ -960,14 +957,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return final
 
 
-PREDICTIONS = "predictions.npz"
+PREDICTIONS = runs.PREDICTIONS
 """The file of a run's final test logits, masks and model state, read by :mod:`train.analyze`."""
-PREDICTIONS_BEFORE_MITIGATION = "predictions_before_mitigation.npz"
+PREDICTIONS_BEFORE_MITIGATION = runs.PREDICTIONS_BEFORE_MITIGATION
 """The same at the start of the ``mitigate`` phase (the pruned model), when there is one."""
 
 
 def save_predictions(path: str, outputs: Mapping[str, Any]) -> None:
-  """Writes :meth:`Experiment.outputs` in the run-file format of :mod:`train.analyze`.
+  """Writes :meth:`Experiment.outputs` as a run file (:func:`train.runs.save_run_file`).
 
   Examples:
     >>> import os, tempfile, numpy as np
@@ -980,9 +977,9 @@ def save_predictions(path: str, outputs: Mapping[str, Any]) -> None:
     >>> sorted(np.load(path).files)
     ['label', 'logits', 'masks/w', 'params/w']
   """
-  analyze.save_run_file(path, logits=outputs["logits"], labels=outputs["labels"],
-                        params=outputs["params"], rest=outputs["rest"], masks=outputs["masks"],
-                        multipliers=outputs["multipliers"])
+  runs.save_run_file(path, logits=outputs["logits"], labels=outputs["labels"],
+                     params=outputs["params"], rest=outputs["rest"], masks=outputs["masks"],
+                     multipliers=outputs["multipliers"])
 
 
 def train_subset(config: ml_collections.ConfigDict) -> Callable | None:
