@@ -65,7 +65,7 @@ class Channels(Recipe):
     small = models.train_view(small)
     big_params, small_params = exp.pure_params(big), exp.pure_params(small)
     removed = 1.0 - _prunable_size(small_params, exp.where) / exp.initial_prunable
-    tx, lr = exp.base_optimizer(self.finetune_steps)
+    tx, lr = exp.base_optimizer_for(self.finetune_steps)
     exp.trainer = Trainer(small, tx, mesh=exp.mesh, lr=lr,
                           sparsity_fn=lambda params: jnp.full((), removed, jnp.float32))
     after = exp.trainer.evaluate(test)
