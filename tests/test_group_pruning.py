@@ -12,26 +12,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_surgery import _mlp, _randn, _removed  # the MLP: hidden groups of 8 and 6 units
 
 import jaxprune as jp
 from jaxprune import surgery
-
-
-def _randn(seed, shape):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
-
-
-def _mlp():
-  """Two hidden layers: groups of 8 and 6 hidden units."""
-  shapes = {"w1": (4, 8), "b1": (8,), "w2": (8, 6), "b2": (6,), "w3": (6, 3), "b3": (3,)}
-  params = {k: _randn(i, v) for i, (k, v) in enumerate(shapes.items())}
-
-  def fn(p, x):
-    h = jax.nn.relu(x @ p["w1"] + p["b1"][None])
-    h = jax.nn.relu(h @ p["w2"] + p["b2"][None])
-    return h @ p["w3"] + p["b3"][None]
-
-  return fn, params
 
 
 def _conv():
@@ -51,10 +35,12 @@ def _conv():
   return fn, params
 
 
-def _removed(mask, axis):
-  """How many positions of ``axis`` the mask removes entirely."""
-  m = np.moveaxis(np.asarray(mask), axis, 0).reshape(mask.shape[axis], -1)
-  return int((~m.any(axis=1)).sum())
+def _mlp_setup(sparsity, **kwargs):
+  """The MLP, an input, and Adam chained with group pruning of the MLP's channel groups."""
+  fn, params = _mlp()
+  x = _randn(5, (6, 4))
+  groups = surgery.channel_groups(fn, params, x)
+  return fn, params, x, optax.chain(optax.adam(1e-2), jp.group_pruning(groups, sparsity, **kwargs))
 
 
 def _train(fn, params, tx, x, steps, *, jit=True):
@@ -94,7 +80,7 @@ def test_layerwise_removes_exactly_round_s_size_channels_per_group(model, member
   params, state, _ = _train(fn, params, tx, x, 5)
   masks = jp.masks_from_state(state)
   for path, axis, size in members:
-    assert _removed(masks[path], axis) == round(sparsity * size), (path, axis)
+    assert _removed(masks, path, axis) == round(sparsity * size), (path, axis)
     w = np.asarray(params[path])
     assert np.all(w[~np.asarray(masks[path])] == 0.0), path  # pruned weights are exactly 0
     assert np.count_nonzero(w[np.asarray(masks[path])]) == np.asarray(masks[path]).sum()
@@ -107,51 +93,39 @@ def test_layerwise_removes_exactly_round_s_size_channels_per_group(model, member
 
 
 def test_global_scope_removes_round_s_n_channels_over_all_groups():
-  fn, params = _mlp()
-  x = _randn(5, (6, 4))
-  groups = surgery.channel_groups(fn, params, x)
-  tx = optax.chain(optax.adam(1e-2), jp.group_pruning(groups, 0.5, scope="global"))
+  fn, params, x, tx = _mlp_setup(0.5, scope="global")
   _, state, _ = _train(fn, params, tx, x, 1)
   masks = jp.masks_from_state(state)
-  first, second = _removed(masks["w1"], 1), _removed(masks["w3"], 0)
+  first, second = _removed(masks, "w1", 1), _removed(masks, "w3", 0)
   assert first + second == round(0.5 * (8 + 6)) == 7
-  assert _removed(masks["w2"], 0) == first and _removed(masks["w2"], 1) == second
+  assert _removed(masks, "w2", 0) == first and _removed(masks, "w2", 1) == second
 
 
 def test_schedule_masks_only_shrink_and_reach_the_target():
-  fn, params = _mlp()
-  x = _randn(5, (6, 4))
-  groups = surgery.channel_groups(fn, params, x)
   schedule = jp.polynomial_schedule(0.75, begin_step=0, end_step=6)
-  tx = optax.chain(optax.adam(1e-2), jp.group_pruning(groups, schedule, update_every=2))
+  fn, params, x, tx = _mlp_setup(schedule, update_every=2)
   _, _, history = _train(fn, params, tx, x, 10)
   for before, after in zip(history, history[1:]):
     for path in ("w1", "w2", "w3"):
       assert not np.any(np.asarray(after[path]) & ~np.asarray(before[path])), path
-  counts = [_removed(m["w1"], 1) for m in history]
+  counts = [_removed(m, "w1", 1) for m in history]
   assert counts == sorted(counts) and counts[0] == 0
   # Updated at steps 0, 2, 4, 6: the schedule's value then, rounded, in each group.
   assert [counts[t] for t in (0, 2, 4, 6)] == [round(float(schedule(t)) * 8) for t in (0, 2, 4, 6)]
-  assert counts[-1] == 6 and _removed(history[-1]["w3"], 0) == round(0.75 * 6)
+  assert counts[-1] == 6 and _removed(history[-1], "w3", 0) == round(0.75 * 6)
 
 
 def test_end_step_freezes_the_masks():
-  fn, params = _mlp()
-  x = _randn(5, (6, 4))
-  groups = surgery.channel_groups(fn, params, x)
   schedule = jp.polynomial_schedule(0.75, begin_step=0, end_step=8)
-  tx = optax.chain(optax.adam(1e-2), jp.group_pruning(groups, schedule, end_step=3))
+  fn, params, x, tx = _mlp_setup(schedule, end_step=3)
   _, _, history = _train(fn, params, tx, x, 8)
-  counts = [_removed(m["w1"], 1) for m in history]
+  counts = [_removed(m, "w1", 1) for m in history]
   assert counts[3:] == [counts[2]] * 5 and counts[2] == round(float(schedule(2)) * 8)
 
 
 def test_same_result_with_and_without_jit():
-  fn, params = _mlp()
-  x = _randn(5, (6, 4))
-  groups = surgery.channel_groups(fn, params, x)
-  schedule = jp.polynomial_schedule(0.5, begin_step=0, end_step=4)
-  tx = optax.chain(optax.adam(1e-2), jp.group_pruning(groups, schedule, update_every=2))
+  fn, params, x, tx = _mlp_setup(jp.polynomial_schedule(0.5, begin_step=0, end_step=4),
+                                 update_every=2)
   p_jit, s_jit, _ = _train(fn, params, tx, x, 6)
   p_eager, s_eager, _ = _train(fn, params, tx, x, 6, jit=False)
   for a, b in zip(jax.tree.leaves(jp.masks_from_state(s_jit)),
@@ -208,7 +182,8 @@ def test_nnx_optimizer_with_groups_traced_on_the_whole_state():
   for _ in range(3):
     step(model, opt)
   masks = jp.masks_from_state(opt.opt_state)
-  assert _removed(masks["fc1"]["kernel"], 1) == 8 and _removed(masks["fc2"]["kernel"], 0) == 8
+  assert _removed(masks["fc1"]["kernel"], None, 1) == 8
+  assert _removed(masks["fc2"]["kernel"], None, 0) == 8
   assert np.shape(masks["fc1"]["bias"]) == () and np.shape(masks["bn"]["scale"]) == ()
   kernel = np.asarray(model.fc1.kernel[...])
   assert np.all(kernel[~np.asarray(masks["fc1"]["kernel"])] == 0)

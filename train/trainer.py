@@ -159,6 +159,11 @@ class Trainer:
     >>> batch = {"x": np.ones((8, 40), np.float32), "label": np.zeros(8, np.int32)}
     >>> sorted(t.train_step(batch))
     ['accuracy', 'learning_rate', 'loss', 'sparsity']
+    >>> done = []  # the training loop: steps 1 and 2, on a batch that is a function of the step
+    >>> t.run(lambda step: {**batch, "x": np.full((8, 40), step, np.float32)}, 1, 3,
+    ...       after_step=lambda step, metrics: done.append(step))
+    >>> done, int(t.optimizer().step[...])
+    ([2, 3], 3)
   """
 
   def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, *,
@@ -248,19 +253,7 @@ class Trainer:
       after_step: ``after_step(t + 1, metrics)`` runs after it, with the step's device
         metrics (not fetched: logging, evaluation and checkpoints decide when to wait).
 
-    Examples:
-      >>> import numpy as np, optax
-      >>> from flax import nnx
-      >>> from train import models, trainer
-      >>> model = models.create_model("mlp", input_shape=(40,), num_classes=10,
-      ...                             rngs=nnx.Rngs(0), hidden=(16,))
-      >>> t = trainer.Trainer(model, optax.adam(1e-2), mesh=trainer.make_mesh())
-      >>> batch = lambda step: {"x": np.full((8, 40), step, np.float32),
-      ...                       "label": np.zeros(8, np.int32)}
-      >>> done = []
-      >>> t.run(batch, 0, 3, after_step=lambda step, metrics: done.append(step))
-      >>> done, int(t.optimizer().step[...])
-      ([1, 2, 3], 3)
+    See the class's example.
     """
     for t in range(begin, end):
       if before_step is not None:
