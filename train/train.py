@@ -51,7 +51,9 @@ METHODS = recipes.names()
 """The values of ``config.pruning.method`` (the registered recipes)."""
 
 channel_group_pruning = jp.group_pruning
-"""The channels recipe's transform, now :func:`jaxprune.group_pruning` (the old name)."""
+"""The old name of :func:`jaxprune.group_pruning`, the channels recipe's transform (without the
+``where`` argument: the groups carry it, ``surgery.channel_groups(..., where=...)``)."""
+
 
 def _flat(tree) -> dict[str, np.ndarray]:
   paths, leaves, _ = _tree.flatten(tree)
