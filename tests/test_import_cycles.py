@@ -15,14 +15,15 @@ and together with the ``__init__``'s own re-exports (``jaxprune/__init__`` impor
 ``jaxprune.masks``) it would make every package a cycle. Edges from a package's ``__init__``
 to its submodules are kept: importing the package runs them, so a cycle through a subpackage's
 ``__init__`` (``transforms`` -> ``analysis/__init__`` -> ``analysis.groups`` -> ``transforms``)
-is a real one and is reported.
+is a real one and is reported. Imports under ``if TYPE_CHECKING:`` are left out: they are
+read by type checkers only and never run.
 
 Rules checked:
 
 * no cycle among these modules;
 * ``jaxprune`` never imports ``train`` or ``benchmarks`` (the library sits below the runner and
-  the benchmarks), and ``train`` never imports ``benchmarks`` (only ``jaxprune*`` and
-  ``train*`` are installed, see ``pyproject.toml``);
+  the benchmarks), and ``train`` never imports ``benchmarks`` (the runner works without the
+  benchmarks; only ``jaxprune`` is installed, see ``pyproject.toml``);
 * no module of ``train`` or ``benchmarks`` uses a private function or class of another module
   (``from m import _f`` or ``m._f``); private *modules* such as ``jaxprune._tree`` are allowed.
 """
@@ -63,11 +64,24 @@ def _deepest(name: str, modules) -> str | None:
   return None
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+  """``if TYPE_CHECKING:`` or ``if typing.TYPE_CHECKING:``."""
+  if not isinstance(node, ast.If):
+    return False
+  test = node.test
+  return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+      isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def _imports(tree: ast.AST, module: str, modules) -> list[tuple[str, str | None, int]]:
   """``(imported module, imported name or None, line)`` of every import in ``tree``."""
   package = module if _is_package(module, modules) else module.rpartition(".")[0]
   out = []
+  type_only = {id(n) for block in ast.walk(tree) if _is_type_checking(block)
+               for stmt in block.body for n in ast.walk(stmt)}
   for node in ast.walk(tree):
+    if id(node) in type_only:
+      continue
     if isinstance(node, ast.Import):
       out += [(alias.name, None, node.lineno) for alias in node.names]
     elif isinstance(node, ast.ImportFrom):

@@ -45,7 +45,7 @@ from train.mitigation import (
     mitigation_from_config,
 )
 from train.runs import where_excluding
-from train.train import Trainer, make_mesh
+from train.trainer import Trainer, make_mesh
 
 __all__ = [
     "GROUPINGS", "ArrayBatches", "FinetuneResult", "Mitigation", "finetune_optimizer",
