@@ -24,7 +24,7 @@ import pytest
 from conftest import ROOT
 from test_train_recipes import tiny_config
 
-from train import checkpointing, reporting, train, validation, workdir
+from train import checkpointing, reporting, runs, train, validation, workdir
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -207,7 +207,7 @@ def test_torn_metrics_line_is_repaired_on_resume(tmp_path, data_dir):
 def test_damaged_metrics_line_in_the_middle_names_file_and_line(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2,,}\n{"step": 3}\n')
   with pytest.raises(ValueError, match=r"metrics\.jsonl: line 2 is not a JSON object"):
-    workdir.read_metrics(tmp_path)
+    runs.read_metrics(tmp_path)
 
 
 def test_metrics_log_changes_nothing_before_its_first_write(tmp_path):
@@ -219,7 +219,7 @@ def test_metrics_log_changes_nothing_before_its_first_write(tmp_path):
   with workdir.MetricsLog(tmp_path, tensorboard=False) as log:
     log.resume(2)
     log.write(3, {"loss": 0.5})
-  assert [(m["step"], m.get("loss")) for m in workdir.read_metrics(tmp_path)] == [
+  assert [(m["step"], m.get("loss")) for m in runs.read_metrics(tmp_path)] == [
       (1, None), (2, None), (3, 0.5)]
 
 
@@ -261,7 +261,7 @@ def test_command_line_exits_non_zero_on_divergence(tmp_path, data_dir):
          "--config.log_every=1", "--config.progress=False", "--config.learning_rate=1e30"]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
-  assert "TrainingDivergedError: training diverged in phase 'train': the loss of step 1" in \
+  assert "TrainingDivergedError: training diverged: the loss of step 1" in \
       proc.stderr
   assert "test_loss" not in proc.stdout
 

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from train import models, recipes
+
 __all__ = ["TrainingDivergedError", "check_finite_metrics", "check_finite_params",
            "prepare_dataset", "validate_config"]
 
@@ -135,7 +137,8 @@ def validate_config(config: ml_collections.ConfigDict, *,
 
   Args:
     config: an experiment config (``train/configs/*.py``).
-    methods: the allowed ``pruning.method`` values (default: :data:`train.train.METHODS`).
+    methods: the allowed ``pruning.method`` values (default: the registered recipes,
+      :func:`train.recipes.names`).
 
   Raises:
     ValueError: naming the first bad key and the values allowed.
@@ -151,9 +154,8 @@ def validate_config(config: ml_collections.ConfigDict, *,
     ...
     ValueError: log_every: must be >= 1, got 0
   """
-  from train import models
   if methods is None:
-    from train.train import METHODS as methods
+    methods = recipes.names()
   _choice(config.model, "model", sorted(models.MODELS))
   if not isinstance(config.dataset, str) or not config.dataset:
     raise ValueError(f"dataset: must be a TFDS dataset name, got {config.dataset!r}")
@@ -283,14 +285,14 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
 
 
 def check_finite_metrics(logs: Sequence[dict[str, Any]], last_step: int, *,
-                         phase: str = "train") -> None:
+                         phase: str | None = None) -> None:
   """Stops the run if a logged loss is not finite.
 
   Args:
     logs: the metrics of consecutive steps (host values), the last one of step
       ``last_step - 1`` (0-based), i.e. the loop's ``done == last_step``.
     last_step: steps done after the last of ``logs``.
-    phase: the phase's name, for the message.
+    phase: the phase's name, for the message (optional: steps count on across phases).
 
   Raises:
     TrainingDivergedError: naming the first step whose loss is ``nan``/``inf`` and its
@@ -301,8 +303,8 @@ def check_finite_metrics(logs: Sequence[dict[str, Any]], last_step: int, *,
     >>> try:
     ...   validation.check_finite_metrics([{"loss": 2.3}, {"loss": float("inf")}], 10)
     ... except validation.TrainingDivergedError as e:
-    ...   print(e.step, "|", str(e)[:62])
-    9 | training diverged in phase 'train': the loss of step 9 is inf.
+    ...   print(e.step, "|", str(e)[:45])
+    9 | training diverged: the loss of step 9 is inf.
   """
   for i, m in enumerate(logs):
     loss = float(np.asarray(m["loss"]))
@@ -311,8 +313,12 @@ def check_finite_metrics(logs: Sequence[dict[str, Any]], last_step: int, *,
       lr = m.get("learning_rate")
       at = f" (learning rate {float(np.asarray(lr)):.3g})" if lr is not None else ""
       raise TrainingDivergedError(
-          f"training diverged in phase {phase!r}: the loss of step {step} is {loss}{at}. "
+          f"training diverged{_in(phase)}: the loss of step {step} is {loss}{at}. "
           f"Stopped before anything after it was checkpointed; {_HINT}.", step)
+
+
+def _in(phase: str | None) -> str:
+  return "" if phase is None else f" in phase {phase!r}"
 
 
 @jax.jit
@@ -321,13 +327,13 @@ def _finite_leaves(params):
                       else jnp.array(True), params)
 
 
-def check_finite_params(params: Any, steps_done: int, *, phase: str = "train") -> None:
+def check_finite_params(params: Any, steps_done: int, *, phase: str | None = None) -> None:
   """Stops the run if a parameter is ``nan``/``inf`` (a non-finite update).
 
   Args:
     params: the parameter tree (e.g. ``Trainer.params()``).
     steps_done: the number of optimizer steps that made them.
-    phase: the phase's name, for the message.
+    phase: the phase's name, for the message (optional).
 
   Raises:
     TrainingDivergedError: naming the leaves that are not finite.
@@ -339,14 +345,14 @@ def check_finite_params(params: Any, steps_done: int, *, phase: str = "train") -
     >>> try:
     ...   validation.check_finite_params({"w": jnp.array([1.0, jnp.nan])}, 5)
     ... except validation.TrainingDivergedError as e:
-    ...   print(str(e)[:87])
-    training diverged in phase 'train': after step 5 these parameters are not finite: ['w']
+    ...   print(str(e)[:70])
+    training diverged: after step 5 these parameters are not finite: ['w']
   """
   flags = jax.device_get(_finite_leaves(params))
   bad = [jax.tree_util.keystr(k, simple=True, separator="/")
          for k, ok in jax.tree_util.tree_flatten_with_path(flags)[0] if not bool(ok)]
   if bad:
     raise TrainingDivergedError(
-        f"training diverged in phase {phase!r}: after step {steps_done} these parameters are "
+        f"training diverged{_in(phase)}: after step {steps_done} these parameters are "
         f"not finite: {bad[:5]}{' ...' if len(bad) > 5 else ''} (an update was nan or inf). "
         f"Stopped before they were checkpointed; {_HINT}.", steps_done)

@@ -10,48 +10,44 @@ are not compared. To continue a run under new values on purpose, name the keys i
 (one JSON line per change: time, ``{key: [old, new]}``) and the report notes it
 (:func:`change_notes`).
 
-Files are written with :func:`atomic_open` (temporary file in the same directory, ``fsync``,
-``os.replace``), so a reader or a killed process never sees half a ``config.json`` or
-``params.npz``.
+Files are written with :func:`train.runs.atomic_open` (temporary file in the same directory,
+``fsync``, ``os.replace``), so a reader or a killed process never sees half a ``config.json``
+or ``params.npz``.
 
 ``metrics.jsonl`` (:class:`MetricsLog`) is only ever appended to. A run resumed from the
 checkpoint at step ``s`` cuts the file after the last line it keeps (lines with ``step <= s``,
 never a previous ``final`` line): the lines a killed run wrote after its last checkpoint,
 which the resumed run writes again. It does so at its first write, i.e. only after the
 checkpoint was restored: a rerun that fails before leaves the file as it was. A torn last
-line (what a kill in the middle of a write leaves) is tolerated by :func:`read_metrics` and
-cut off on resume, with a warning naming the file; a damaged line elsewhere is an error
-naming the file and the line.
+line (what a kill in the middle of a write leaves) is tolerated by
+:func:`train.runs.read_metrics` and cut off on resume, with a warning naming the file; a
+damaged line elsewhere is an error naming the file and the line.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
 import os
-import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
-from typing import IO, Any
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 import numpy as np
 
-__all__ = ["CONFIG", "CONFIG_CHANGES", "EXEMPT", "METRICS", "ConfigChange",
-           "ConfigMismatchError", "MetricsLog", "atomic_open", "change_notes", "check_config",
-           "config_diff", "read_metrics", "write_config"]
+from train import runs
+from train.runs import CONFIG, METRICS
 
-CONFIG = "config.json"
-"""The run's config, as ``ConfigDict.to_json_best_effort`` writes it."""
+__all__ = ["CONFIG_CHANGES", "EXEMPT", "RUN_FILES", "ConfigChange", "ConfigMismatchError",
+           "MetricsLog", "change_notes", "check_config", "config_diff", "write_config"]
+
 CONFIG_CHANGES = "config_changes.jsonl"
 """One JSON line per allowed config change of a resumed run."""
-METRICS = "metrics.jsonl"
-"""The run's metrics, one JSON object per line."""
 EXEMPT = ("progress", "allow_config_change")
 """Config keys that may differ between the invocations of one run (they change no result)."""
-RUN_FILES = (METRICS, "params.npz", "predictions.npz", "report.md")
+RUN_FILES = (METRICS, runs.PARAMS, runs.PREDICTIONS, "report.md")
 """Files whose presence (or a ``checkpoints*`` directory) marks a directory as a run's."""
 
 _MISSING = "<missing>"
@@ -80,54 +76,6 @@ class ConfigChange:
 
   changed: dict[str, tuple[Any, Any]]
   allowed: str
-
-
-# ----------------------------------------------------------------------------- atomic files
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
-  """Opens a temporary file beside ``path`` that replaces ``path`` only if the block succeeds.
-
-  The data are flushed and ``fsync``-ed before ``os.replace``, which is atomic on POSIX: a
-  reader sees the old file or the new one, never a part. If the block raises, the temporary
-  file is removed and ``path`` is untouched.
-
-  Args:
-    path: the file to (re)write.
-    mode: ``"w"`` (text) or ``"wb"`` (binary).
-    **kwargs: passed to ``open`` (e.g. ``encoding``).
-
-  Examples:
-    >>> import os, pathlib, tempfile
-    >>> from train import workdir
-    >>> path = os.path.join(tempfile.mkdtemp(), "a.txt")
-    >>> with workdir.atomic_open(path) as f:
-    ...   _ = f.write("complete")
-    >>> try:
-    ...   with workdir.atomic_open(path) as f:
-    ...     _ = f.write("half")
-    ...     raise KeyboardInterrupt
-    ... except KeyboardInterrupt:
-    ...   pass
-    >>> pathlib.Path(path).read_text(), os.listdir(os.path.dirname(path))
-    ('complete', ['a.txt'])
-  """
-  if mode not in ("w", "wb"):
-    raise ValueError(f"mode: expected 'w' or 'wb', got {mode!r}")
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-  try:
-    with os.fdopen(fd, mode, **kwargs) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
 
 
 # ----------------------------------------------------------------------------- the config contract
@@ -287,8 +235,7 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
       f.write(json.dumps(line) + "\n")
       f.flush()
       os.fsync(f.fileno())
-  with atomic_open(os.path.join(path, CONFIG), encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  runs.write_config(path, config)
 
 
 def change_notes(change: ConfigChange | None) -> list[str]:
@@ -315,65 +262,6 @@ def _jsonable(v: Any) -> Any:
   return v
 
 
-def _scan(path: str) -> tuple[list[tuple[int, dict[str, Any]]], int | None]:
-  """``([(byte offset, line), ...], offset of a torn last line or None)``.
-
-  Raises:
-    ValueError: naming the file and line, for a damaged line that is not the last.
-  """
-  with open(path, "rb") as f:
-    data = f.read()
-  lines, offset, torn = [], 0, None
-  chunks = data.split(b"\n")
-  for i, chunk in enumerate(chunks):
-    last = i == len(chunks) - 1
-    if chunk.strip():
-      try:
-        if last:  # no newline after it: the write was cut
-          raise ValueError("no newline at the end")
-        value = json.loads(chunk)
-        if not isinstance(value, dict):
-          raise ValueError(f"a {type(value).__name__}, not an object")
-        lines.append((offset, value))
-      except ValueError as e:
-        if last or all(not c.strip() for c in chunks[i + 1:]):
-          torn = offset
-        else:
-          raise ValueError(f"{path}: line {i + 1} is not a JSON object ({e}): "
-                           f"{chunk[:80]!r}") from None
-    offset += len(chunk) + 1
-  return lines, torn
-
-
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """The lines of ``workdir/metrics.jsonl`` as dicts ([] if there is no file).
-
-  A torn last line (left by a run killed while writing it) is skipped with a warning that
-  names the file.
-
-  Raises:
-    ValueError: naming the file and line, if a line other than the last is damaged.
-
-  Examples:
-    >>> import pathlib, tempfile, warnings
-    >>> from train import workdir
-    >>> d = tempfile.mkdtemp()
-    >>> _ = (pathlib.Path(d) / "metrics.jsonl").write_text('{"step": 1}\\n{"step": 2, "lo')
-    >>> with warnings.catch_warnings(record=True) as w:
-    ...   warnings.simplefilter("always")
-    ...   print(workdir.read_metrics(d), "torn last line" in str(w[0].message))
-    [{'step': 1}] True
-  """
-  path = os.path.join(os.fspath(workdir), METRICS)
-  if not os.path.exists(path):
-    return []
-  lines, torn = _scan(path)
-  if torn is not None:
-    warnings.warn(f"{path}: ignoring a torn last line at byte {torn} (a run was killed while "
-                  "writing it)", stacklevel=2)
-  return [line for _, line in lines]
-
-
 class MetricsLog:
   """Appends metrics to ``metrics.jsonl`` (and TensorBoard); resumes by cutting the tail.
 
@@ -398,7 +286,8 @@ class MetricsLog:
     >>> with workdir.MetricsLog(d, tensorboard=False) as log:
     ...   log.resume(10)
     ...   log.write(20, {"loss": 0.5})
-    >>> [(m["step"], m["loss"]) for m in workdir.read_metrics(d)]
+    >>> from train import runs
+    >>> [(m["step"], m["loss"]) for m in runs.read_metrics(d)]
     [(10, 1.5), (20, 0.5)]
   """
 
@@ -429,7 +318,7 @@ class MetricsLog:
                                purge_step=self._resume + 1 if self._resume else None)
 
   def _cut(self, step: int) -> None:
-    lines, torn = _scan(self.path)
+    lines, torn = runs.metrics_lines(self.path)
     if torn is not None:
       warnings.warn(f"{self.path}: cut off a torn last line at byte {torn} (a run was killed "
                     "while writing it)", stacklevel=3)
@@ -444,7 +333,7 @@ class MetricsLog:
           f.flush()
           os.fsync(f.fileno())
       return
-    with atomic_open(self.path, encoding="utf-8") as f:  # out-of-order lines: rewrite
+    with runs.atomic_open(self.path, encoding="utf-8") as f:  # out-of-order lines: rewrite
       f.writelines(json.dumps(m) + "\n" for (_, m), k in zip(lines, keep, strict=True) if k)
 
   def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = "") -> None:
