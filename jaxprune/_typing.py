@@ -5,6 +5,7 @@ container), as ``chex.ArrayTree`` and ``optax.Params`` are.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,3 +35,9 @@ the params (see :mod:`jaxprune.allocation`)."""
 
 KeyLike = jax.Array | int | None
 """A PRNG key (typed or raw uint32), an int seed, or None (seed 0)."""
+
+ArrayLike = jax.typing.ArrayLike
+"""An array, a NumPy array or a Python scalar (``jax.typing.ArrayLike``)."""
+
+PathLike = str | os.PathLike
+"""A file path."""

@@ -9,6 +9,8 @@ all scores on one device. Its invariants, and why each XLA workaround is there, 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ import numpy as np
 
 from jaxprune import _select, _tree, allocation
 from jaxprune import structure as structure_lib
+from jaxprune._typing import Masks, Params, PyTree, Scores, Sparsity, Where
 from jaxprune.scores import magnitude_scores
 
 _MAX_UNITS = 2**31 - 1
@@ -23,7 +26,7 @@ _MAX_UNITS = 2**31 - 1
 
 # ----------------------------------------------------------------------------- lowest_k
 
-def lowest_k(scores: jax.Array, k) -> jax.Array:
+def lowest_k(scores: jax.Array, k: int | jax.Array) -> jax.Array:
   """Marks exactly the ``k`` lowest entries of one array (``k`` may be traced).
 
   Ties are broken by row-major index (lower first) and NaN counts as the lowest value. This is
@@ -102,8 +105,9 @@ def _global_keep(paths, leaves, chosen, s, st):
           for i, p in zip(idx, pruned)}
 
 
-def topk_mask(scores, sparsity, *, structure=None, scope: str = "layerwise",
-              where: _tree.Where | None = None):
+def topk_mask(scores: Scores, sparsity: Sparsity, *,
+              structure: structure_lib.Structure | None = None, scope: str = "layerwise",
+              where: Where | None = None) -> Masks:
   """Keep-masks that remove the lowest-scoring fraction ``sparsity`` of each prunable leaf.
 
   Exactly ``round(s · n)`` units of each prunable leaf are removed (``scope="layerwise"``), or
@@ -177,7 +181,7 @@ def _check_masks(params, masks):
   return paths, leaves, mleaves
 
 
-def apply_masks(params, masks):
+def apply_masks(params: Params, masks: Masks) -> Params:
   """Zeroes the pruned weights: ``jnp.where(mask, p, 0)`` leaf by leaf (never ``p * mask``,
   which turns ``inf`` or ``NaN`` into ``NaN``).
 
@@ -202,7 +206,7 @@ def _counted_for_sparsity(path, leaf):
   return is_mask or _tree.default_where(path, leaf)
 
 
-def sparsity(tree, *, where: _tree.Where | None = None) -> jax.Array:
+def sparsity(tree: PyTree, *, where: Where | None = None) -> jax.Array:
   """The fraction of zeros (params) or of ``False`` (masks) among prunable leaves.
 
   By default, bool leaves with ``ndim >= 1`` (masks) and floating leaves with ``ndim >= 2``
@@ -227,9 +231,9 @@ def sparsity(tree, *, where: _tree.Where | None = None) -> jax.Array:
 @dataclasses.dataclass
 class Summary:
   """Per-leaf sparsity rows; ``str()`` prints them as an aligned table."""
-  rows: list[dict]
+  rows: list[dict[str, Any]]
 
-  def totals(self) -> dict:
+  def totals(self) -> dict[str, Any]:
     kept = sum(r["kept"] for r in self.rows)
     total = sum(r["total"] for r in self.rows)
     return {"path": "total", "shape": "", "kept": kept, "total": total,
@@ -244,7 +248,7 @@ class Summary:
         c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
     return head, body, widths, fmt
 
-  def __str__(self):
+  def __str__(self) -> str:
     head, body, widths, fmt = self._lines("  ")
     rule = "-" * len(fmt(head))
     return "\n".join([fmt(head), rule] + [fmt(r) for r in body[:-1]] + [rule, fmt(body[-1])])
@@ -255,7 +259,8 @@ class Summary:
     return "\n".join(lines + ["| " + fmt(r) + " |" for r in body])
 
 
-def summary(params, masks=None, *, where: _tree.Where | None = None) -> Summary:
+def summary(params: Params, masks: Masks | None = None, *,
+            where: Where | None = None) -> Summary:
   """Per prunable leaf: path, shape, kept, total and sparsity (host-side, not jit-able).
 
   With ``masks``, kept counts the mask's ``True`` entries; without, the nonzero params.
@@ -285,8 +290,10 @@ def summary(params, masks=None, *, where: _tree.Where | None = None) -> Summary:
   return Summary(rows)
 
 
-def prune(params, sparsity, *, scores=magnitude_scores, structure=None,
-          scope: str = "layerwise", where: _tree.Where | None = None):
+def prune(params: Params, sparsity: Sparsity, *,
+          scores: Scores | Callable[..., Scores] = magnitude_scores,
+          structure: structure_lib.Structure | None = None, scope: str = "layerwise",
+          where: Where | None = None) -> tuple[Params, Masks]:
   """One-shot pruning: ``masks = topk_mask(scores(params), sparsity, ...)``, then apply them.
 
   Args:

@@ -30,6 +30,7 @@ from jax import lax
 
 from jaxprune import _transform_utils as _util
 from jaxprune import _tree, allocation
+from jaxprune._typing import KeyLike, PyTree, Where
 from jaxprune.allocation import erk_sparsities
 from jaxprune.masks import lowest_k, topk_mask
 from jaxprune.scores import random_scores
@@ -45,7 +46,8 @@ class SparseTrainingState(NamedTuple):
   inner_state: optax.OptState  # the wrapped optimizer's state.
 
 
-def cosine_drop_fraction(drop_fraction, end_step) -> optax.Schedule:
+def cosine_drop_fraction(drop_fraction: float | jax.Array,
+                         end_step: int | jax.Array) -> optax.Schedule:
   """``α/2 · (1 + cos(π t / end_step))`` for ``t < end_step``, then 0 (RigL's decay).
 
   Examples:
@@ -66,7 +68,8 @@ def _is_masked_node(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def reset_inner_state(inner_tx: optax.GradientTransformation, inner_state, reset):
+def reset_inner_state(inner_tx: optax.GradientTransformation, inner_state: optax.OptState,
+                      reset: PyTree) -> optax.OptState:
   """Zeroes, in every part of ``inner_state`` shaped like the params, the entries ``reset`` marks.
 
   Which parts of the state are "like the params" is found generically with
@@ -204,8 +207,8 @@ def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop
 
 
 def rigl(inner_tx: optax.GradientTransformation, *, sparsity: float, update_every: int,
-         end_step: int, drop_fraction=0.3, distribution: str = "erk",
-         where: _tree.Where | None = None, key=None) -> optax.GradientTransformationExtraArgs:
+         end_step: int, drop_fraction: optax.ScalarOrSchedule = 0.3, distribution: str = "erk",
+         where: Where | None = None, key: KeyLike = None) -> optax.GradientTransformationExtraArgs:
   """RigL: sparse training that grows the connections with the largest dense gradient.
 
   Every ``update_every`` steps before ``end_step`` (not at step 0), each prunable leaf drops its
@@ -256,9 +259,9 @@ def rigl(inner_tx: optax.GradientTransformation, *, sparsity: float, update_ever
 
 
 def set_training(inner_tx: optax.GradientTransformation, *, sparsity: float, update_every: int,
-                 end_step: int, drop_fraction=0.3, distribution: str = "erk",
-                 where: _tree.Where | None = None,
-                 key=None) -> optax.GradientTransformationExtraArgs:
+                 end_step: int, drop_fraction: optax.ScalarOrSchedule = 0.3,
+                 distribution: str = "erk", where: Where | None = None,
+                 key: KeyLike = None) -> optax.GradientTransformationExtraArgs:
   """SET (Sparse Evolutionary Training): drop the smallest weights, regrow at random.
 
   Same as :func:`rigl` except that the ``k`` grown connections are drawn uniformly at random

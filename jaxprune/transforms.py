@@ -43,8 +43,10 @@ from jax import lax
 
 from jaxprune import _transform_utils as _util
 from jaxprune import _tree
+from jaxprune._typing import KeyLike, Masks, Params, Where
 from jaxprune.masks import topk_mask
 from jaxprune.scores import magnitude_scores, movement_scores, random_scores, saliency_scores
+from jaxprune.structure import Structure
 
 __all__ = [
     "PruningState", "pruning", "magnitude_pruning", "random_pruning", "saliency_pruning",
@@ -127,11 +129,13 @@ def _masks_fn(score_fn, structure, scope, distribution, where, accumulate, strai
   return new_masks
 
 
-def pruning(score_fn: ScoreFn, sparsity, *, inner_tx: optax.GradientTransformation | None = None,
-            update_every: int = 1, end_step: int | None = None, structure=None,
+def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
+            inner_tx: optax.GradientTransformation | None = None, update_every: int = 1,
+            end_step: int | None = None, structure: Structure | None = None,
             scope: str = "layerwise", distribution: str = "uniform",
-            where: _tree.Where | None = None, accumulate: bool = False,
-            straight_through: bool = False, key=None) -> optax.GradientTransformationExtraArgs:
+            where: Where | None = None, accumulate: bool = False,
+            straight_through: bool = False,
+            key: KeyLike = None) -> optax.GradientTransformationExtraArgs:
   """Prunes by any score while training; the named pruning transforms are thin wrappers of it.
 
   Every ``update_every`` steps (step 0 included) the masks are recomputed from
@@ -256,10 +260,10 @@ def _movement(params, *, grads, key, where):
   return movement_scores(params, grads, where=where)
 
 
-def magnitude_pruning(sparsity, *, update_every: int = 1, end_step: int | None = None,
-                      structure=None,
+def magnitude_pruning(sparsity: optax.ScalarOrSchedule, *, update_every: int = 1,
+                      end_step: int | None = None, structure: Structure | None = None,
                       scope: str = "layerwise", distribution: str = "uniform",
-                      where: _tree.Where | None = None,
+                      where: Where | None = None,
                       straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
   """Magnitude pruning while training (gradual when ``sparsity`` is a schedule).
 
@@ -302,10 +306,11 @@ def magnitude_pruning(sparsity, *, update_every: int = 1, end_step: int | None =
                  straight_through=straight_through)
 
 
-def random_pruning(sparsity, *, key=None, update_every: int = 1,
-                   end_step: int | None = None, structure=None,
+def random_pruning(sparsity: optax.ScalarOrSchedule, *, key: KeyLike = None,
+                   update_every: int = 1, end_step: int | None = None,
+                   structure: Structure | None = None,
                    scope: str = "layerwise", distribution: str = "uniform",
-                   where: _tree.Where | None = None,
+                   where: Where | None = None,
                    straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
   """Random pruning while training: a baseline that removes random weights (a chain link, last).
 
@@ -337,9 +342,11 @@ def random_pruning(sparsity, *, key=None, update_every: int = 1,
                  straight_through=straight_through)
 
 
-def saliency_pruning(inner_tx: optax.GradientTransformation, sparsity, *, update_every: int = 1,
-                     end_step: int | None = None, structure=None, scope: str = "layerwise",
-                     distribution: str = "uniform", where: _tree.Where | None = None,
+def saliency_pruning(inner_tx: optax.GradientTransformation,
+                     sparsity: optax.ScalarOrSchedule, *, update_every: int = 1,
+                     end_step: int | None = None, structure: Structure | None = None,
+                     scope: str = "layerwise", distribution: str = "uniform",
+                     where: Where | None = None,
                      straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
   """Saliency (first-order Taylor, ``|w·g|``) pruning while training, wrapping ``inner_tx``.
 
@@ -375,10 +382,11 @@ def saliency_pruning(inner_tx: optax.GradientTransformation, sparsity, *, update
                  distribution=distribution, where=where, straight_through=straight_through)
 
 
-def movement_pruning(inner_tx: optax.GradientTransformation, sparsity, *,
-                     update_every: int = 1, end_step: int | None = None, structure=None,
+def movement_pruning(inner_tx: optax.GradientTransformation,
+                     sparsity: optax.ScalarOrSchedule, *, update_every: int = 1,
+                     end_step: int | None = None, structure: Structure | None = None,
                      scope: str = "layerwise", distribution: str = "uniform",
-                     where: _tree.Where | None = None,
+                     where: Where | None = None,
                      straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
   """Movement pruning, wrapping ``inner_tx``: keeps the weights moving away from zero.
 
@@ -433,7 +441,7 @@ def _ste_bwd(m, g):
 _ste.defvjp(_ste_fwd, _ste_bwd)
 
 
-def apply_masks_straight_through(params, masks):
+def apply_masks_straight_through(params: Params, masks: Masks) -> Params:
   """``apply_masks`` in the forward pass, identity in the backward pass.
 
   Pruned weights are 0 in the forward pass but receive the gradient of the masked weight, so a
@@ -481,7 +489,7 @@ def _rewrap(old, value):
   return old.replace(value) if _is_variable(old) else value
 
 
-def masks_from_state(opt_state):
+def masks_from_state(opt_state: optax.OptState) -> Masks:
   """The keep-masks held anywhere inside a (nested) optax state.
 
   Looks through ``optax.chain``, ``MultiSteps``, ``inject_hyperparams``, wrappers and an
@@ -518,7 +526,7 @@ def masks_from_state(opt_state):
   return out
 
 
-def replace_masks(opt_state, masks):
+def replace_masks(opt_state: optax.OptState, masks: Masks) -> optax.OptState:
   """A copy of ``opt_state`` whose jaxprune pruning states hold ``masks`` (e.g. a lottery
   ticket's, to train the next round with them).
 
