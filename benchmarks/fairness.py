@@ -60,8 +60,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+import jaxprune as jp
 from benchmarks import common
-from jaxprune import _tree, analysis, schedules, transforms
+from jaxprune import analysis, schedules, transforms
 from train import analyze, fairness, mnist1d_builder, models, runs
 from train.input_pipeline import unbalanced_indices
 from train.mitigation import GROUPINGS, MITIGATED, PRUNED, Mitigation
@@ -188,7 +189,7 @@ def _adam(kind: str, lr: float, steps: int):
 
 @functools.lru_cache(maxsize=16)
 def _gmp_tx(lr: float, sparsity: float, steps: int, ramp: float, update_every: int,
-            where: _tree.Where | None):
+            where: jp.tree.Where | None):
   # The ramp ends on a mask-update step, so the final sparsity is reached inside the phase.
   end = max(update_every, int(ramp * steps) // update_every * update_every)
   if end >= steps:

@@ -116,7 +116,7 @@ def build(make: Callable[[nnx.Rngs], nnx.Module], seed: int = 0) -> nnx.Module:
   rng = np.random.default_rng(seed)
 
   def fill(kp, x):
-    path = jp._tree.path_str(kp)
+    path = jp.tree.path_str(kp)
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       return jax.random.key(0)
     if not jnp.issubdtype(x.dtype, jnp.floating):

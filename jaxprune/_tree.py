@@ -1,8 +1,6 @@
-"""Paths, leaf selection and validation shared by every layer of jaxprune.
+"""Leaf selection and validation shared by every layer of jaxprune (private).
 
-Paths are strings such as ``"layers/0/kernel"``: dict keys, sequence indices and attribute
-names joined by ``/``. The trailing ``value`` that Flax NNX ``Variable`` wrappers add is dropped,
-so a pure-dict params tree and the ``nnx.State`` of the same model give the same paths.
+Paths and the default ``where`` are in the public :mod:`jaxprune.tree`.
 """
 from __future__ import annotations
 
@@ -10,50 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-Where = Callable[[str, Any], bool]
-
-_NNX_VALUE_ATTRS = ("value", "raw_value")
-
-
-def _key_name(key) -> str:
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key)
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx)
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    return key.name
-  if isinstance(key, jax.tree_util.FlattenedIndexKey):
-    return str(key.key)
-  return str(key)
-
-
-def path_str(keypath) -> str:
-  """Turns a JAX key path into ``"a/b/0/kernel"`` (dropping NNX's trailing ``value``)."""
-  names = [_key_name(k) for k in keypath]
-  if names and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and names[-1] in _NNX_VALUE_ATTRS:
-    names = names[:-1]
-  return "/".join(names)
-
-
-def is_float(leaf) -> bool:
-  return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
-
-
-def default_where(path: str, leaf) -> bool:
-  """The default prunable-leaf rule: floating arrays with ``ndim >= 2`` (kernels, not biases)."""
-  del path
-  return is_float(leaf) and np.ndim(leaf) >= 2
-
-
-def flatten(tree):
-  """Returns ``(paths, leaves, treedef)`` with string paths."""
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  paths = [path_str(kp) for kp, _ in with_path]
-  leaves = [leaf for _, leaf in with_path]
-  return paths, leaves, treedef
+# The path and ``where`` basics are public, in :mod:`jaxprune.tree`; re-exported for the
+# library's modules, which import everything tree-related from here.
+from jaxprune.tree import Where, default_where, flatten, is_float, path_str  # noqa: F401
 
 
 def selected(tree, where: Where | None = None, *, require_any: bool = True,

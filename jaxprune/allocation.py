@@ -19,18 +19,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import _tree
+from jaxprune._typing import Params, PyTree, Sparsity, Where
 
 
 def _is_number(x) -> bool:
   return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool)
 
 
-def is_scalar(x) -> bool:
+def is_scalar(x: object) -> bool:
   """True for a Python/numpy number or a 0-d jax array (concrete or traced)."""
   return _is_number(x) or (isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) == 0)
 
 
-def check_fraction(value, path: str, what: str = "sparsity"):
+def check_fraction(value: float | jax.Array, path: str,
+                   what: str = "sparsity") -> float | jax.Array:
   """Validates a concrete fraction in [0, 1]; traced values pass through (clipped later)."""
   if _is_number(value) or (isinstance(value, np.ndarray) and value.ndim == 0):
     v = float(value)
@@ -48,7 +50,9 @@ def check_fraction(value, path: str, what: str = "sparsity"):
                    f"{type(value).__name__}.")
 
 
-def per_leaf_sparsities(sparsity, paths, leaves, treedef, chosen) -> list:
+def per_leaf_sparsities(sparsity: Sparsity, paths: list[str], leaves: list,
+                        treedef: jax.tree_util.PyTreeDef,
+                        chosen: list[bool]) -> list[float | jax.Array | None]:
   """Resolves any accepted sparsity spec to one value per leaf (None for unselected leaves)."""
   if is_scalar(sparsity):
     return [check_fraction(sparsity, p) if c else None for p, c in zip(paths, chosen)]
@@ -81,8 +85,8 @@ def per_leaf_sparsities(sparsity, paths, leaves, treedef, chosen) -> list:
                    f"{type(sparsity).__name__} whose structure does not match the params.")
 
 
-def erk_sparsities(params, sparsity: float, *, where: _tree.Where | None = None,
-                   power_scale: float = 1.0):
+def erk_sparsities(params: Params, sparsity: float | jax.Array, *, where: Where | None = None,
+                   power_scale: float = 1.0) -> PyTree:
   """Erdős–Rényi-Kernel per-leaf sparsities whose parameter-weighted mean is ``sparsity``.
 
   Each prunable leaf's density is proportional to ``(sum of its dims) / (product of its dims)``
@@ -162,7 +166,7 @@ def _erk_traced(sparsity, idx, sizes, raw, num_leaves, treedef):
   return jax.tree.unflatten(treedef, out)
 
 
-def num_to_prune(sparsity, units: int):
+def num_to_prune(sparsity: float | jax.Array, units: int) -> int | jax.Array:
   """``round(sparsity · units)``: a Python int for Python numbers (exact, float64), an int32
   array for jax arrays (computed in float32, clipped to [0, units])."""
   if _is_number(sparsity) or isinstance(sparsity, np.ndarray):

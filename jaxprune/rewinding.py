@@ -20,13 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import _tree
+from jaxprune._typing import Masks, Params, Where
 from jaxprune.masks import apply_masks, topk_mask
 from jaxprune.scores import magnitude_scores
 
 __all__ = ["rewind", "ticket_masks"]
 
 
-def rewind(masks, rewind_params):
+def rewind(masks: Masks, rewind_params: Params) -> Params:
   """The rewound, masked starting point: ``rewind_params`` with the pruned weights set to 0.
 
   Pure: ``masks`` are the keep-masks of the trained model (e.g. from
@@ -59,8 +60,9 @@ def rewind(masks, rewind_params):
   return apply_masks(rewind_params, masks)
 
 
-def ticket_masks(trained_params, sparsity: float, *, masks=None, scope: str = "global",
-                 where: _tree.Where | None = None):
+def ticket_masks(trained_params: Params, sparsity: float | jax.Array, *,
+                 masks: Masks | None = None, scope: str = "global",
+                 where: Where | None = None) -> Masks:
   """The next round's masks: prune the trained weights of smallest magnitude, keeping earlier
   pruning (a weight pruned in ``masks`` stays pruned).
 

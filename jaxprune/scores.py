@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import _tree
+from jaxprune._typing import Params, PyTree, Scores, Where
 
 
-def magnitude_scores(params, *, where: _tree.Where | None = None):
+def magnitude_scores(params: Params, *, where: Where | None = None) -> Scores:
   """Magnitude scores ``|w|`` (Han et al., 2015).
 
   Args:
@@ -34,7 +35,7 @@ def magnitude_scores(params, *, where: _tree.Where | None = None):
   return _tree.map_selected(lambda _, p: jnp.abs(p), params, where)
 
 
-def random_scores(params, key: jax.Array, *, where: _tree.Where | None = None):
+def random_scores(params: Params, key: jax.Array, *, where: Where | None = None) -> Scores:
   """Uniform random scores: pruning by them removes a random subset of each leaf.
 
   Each selected leaf gets its own stream, ``fold_in(key, leaf_index)``, so the scores of a leaf
@@ -59,7 +60,7 @@ def _check_grads(params, grads, name="grads"):
   _tree.check_same_structure(params, grads, "params", name)
 
 
-def saliency_scores(params, grads, *, where: _tree.Where | None = None):
+def saliency_scores(params: Params, grads: PyTree, *, where: Where | None = None) -> Scores:
   """Connection saliency ``|w · g|``: the first-order Taylor estimate of the loss change.
 
   With the gradient of a single mini-batch at initialization this is SNIP (Lee et al., 2019);
@@ -83,7 +84,8 @@ def saliency_scores(params, grads, *, where: _tree.Where | None = None):
   return jax.tree.unflatten(treedef, out)
 
 
-def movement_scores(params, grads, *, accumulated=None, where: _tree.Where | None = None):
+def movement_scores(params: Params, grads: PyTree, *, accumulated: Scores | None = None,
+                    where: Where | None = None) -> Scores:
   """Movement scores ``S ← S − w · g`` (Sanh et al., 2020).
 
   Weights moving away from zero score high, weights moving toward zero score low. Call it once
@@ -118,7 +120,8 @@ def movement_scores(params, grads, *, accumulated=None, where: _tree.Where | Non
   return jax.tree.unflatten(treedef, out)
 
 
-def activation_scores(params, input_norms, *, where: _tree.Where | None = None):
+def activation_scores(params: Params, input_norms: PyTree, *,
+                      where: Where | None = None) -> Scores:
   """Wanda scores ``|W_ij| · ‖X_i‖₂``: weight magnitude times the norm of its input feature.
 
   ``input_norms`` holds, for every selected leaf, a vector with the L2 norm (over all tokens or

@@ -28,18 +28,12 @@ import numpy as np
 import optax
 from jax import lax
 
+from jaxprune import _transform_utils as _util
 from jaxprune import _tree, allocation
+from jaxprune._typing import KeyLike, PyTree, Where
 from jaxprune.allocation import erk_sparsities
 from jaxprune.masks import lowest_k, topk_mask
 from jaxprune.scores import random_scores
-from jaxprune.transforms import (
-  NO_PARAMS_MSG,
-  as_key,
-  enforce,
-  is_placeholder,
-  mask_grads,
-  selection,
-)
 
 __all__ = ["SparseTrainingState", "rigl", "set_training", "cosine_drop_fraction",
            "reset_inner_state"]
@@ -52,7 +46,8 @@ class SparseTrainingState(NamedTuple):
   inner_state: optax.OptState  # the wrapped optimizer's state.
 
 
-def cosine_drop_fraction(drop_fraction, end_step) -> optax.Schedule:
+def cosine_drop_fraction(drop_fraction: float | jax.Array,
+                         end_step: int | jax.Array) -> optax.Schedule:
   """``α/2 · (1 + cos(π t / end_step))`` for ``t < end_step``, then 0 (RigL's decay).
 
   Examples:
@@ -73,7 +68,8 @@ def _is_masked_node(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def reset_inner_state(inner_tx: optax.GradientTransformation, inner_state, reset):
+def reset_inner_state(inner_tx: optax.GradientTransformation, inner_state: optax.OptState,
+                      reset: PyTree) -> optax.OptState:
   """Zeroes, in every part of ``inner_state`` shaped like the params, the entries ``reset`` marks.
 
   Which parts of the state are "like the params" is found generically with
@@ -127,7 +123,7 @@ def _topology_fn(grow: str, where):
   eager training steps reuse one compilation; inlined inside a jitted step)."""
   @jax.jit
   def new_topology(masks, params, updates, count, f, key_t, every, t_end):
-    _, chosen, _ = selection(params, where)
+    _, chosen, _ = _util.selection(params, where)
     treedef = jax.tree.structure(params)
     is_update = (count > 0) & (count % every == 0) & (count < t_end)
 
@@ -172,14 +168,14 @@ def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop
   _check(sparsity, update_every, end_step, drop_fraction, distribution)
   frac = (drop_fraction if callable(drop_fraction)
           else cosine_drop_fraction(drop_fraction, end_step))
-  init_key, grow_key = jax.random.split(as_key(key))
+  init_key, grow_key = jax.random.split(_util.as_key(key))
 
   def init_fn(params):
     inner_state = inner_tx.init(params)
     count = jnp.zeros([], jnp.int32)
-    if is_placeholder(params):
+    if _util.is_placeholder(params):
       return SparseTrainingState(count, jax.tree.map(lambda x: x, params), inner_state)
-    _, _, where_p = selection(params, where)
+    _, _, where_p = _util.selection(params, where)
     if _tree.is_traced(sparsity):
       raise ValueError("sparsity sets how many connections each leaf keeps and must be "
                        "concrete when the state is initialized (only the update may trace it).")
@@ -192,27 +188,27 @@ def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
-      raise ValueError(NO_PARAMS_MSG)
-    _, chosen, _ = selection(params, where)
+      raise ValueError(_util.NO_PARAMS_MSG)
+    _, chosen, _ = _util.selection(params, where)
     count = state.count
     masks, grown = new_topology(state.masks, params, updates, count, frac(count),
                                 jax.random.fold_in(grow_key, count),
                                 jnp.asarray(update_every, jnp.int32),
                                 jnp.asarray(end_step, jnp.int32))
     active = jax.tree.map(lambda m, g: m & ~g, masks, grown)
-    grads_in = mask_grads(active, updates, chosen)
+    grads_in = _util.mask_grads(active, updates, chosen)
     inner_updates, inner_state = optax.with_extra_args_support(inner_tx).update(
         grads_in, state.inner_state, params, **extra_args)
     inner_state = reset_inner_state(inner_tx, inner_state, grown)
-    out = enforce(masks, inner_updates, params, chosen, override=grown)
+    out = _util.enforce(masks, inner_updates, params, chosen, override=grown)
     return out, SparseTrainingState(optax.safe_increment(count), masks, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def rigl(inner_tx: optax.GradientTransformation, *, sparsity: float, update_every: int,
-         end_step: int, drop_fraction=0.3, distribution: str = "erk",
-         where: _tree.Where | None = None, key=None) -> optax.GradientTransformationExtraArgs:
+         end_step: int, drop_fraction: optax.ScalarOrSchedule = 0.3, distribution: str = "erk",
+         where: Where | None = None, key: KeyLike = None) -> optax.GradientTransformationExtraArgs:
   """RigL: sparse training that grows the connections with the largest dense gradient.
 
   Every ``update_every`` steps before ``end_step`` (not at step 0), each prunable leaf drops its
@@ -263,9 +259,9 @@ def rigl(inner_tx: optax.GradientTransformation, *, sparsity: float, update_ever
 
 
 def set_training(inner_tx: optax.GradientTransformation, *, sparsity: float, update_every: int,
-                 end_step: int, drop_fraction=0.3, distribution: str = "erk",
-                 where: _tree.Where | None = None,
-                 key=None) -> optax.GradientTransformationExtraArgs:
+                 end_step: int, drop_fraction: optax.ScalarOrSchedule = 0.3,
+                 distribution: str = "erk", where: Where | None = None,
+                 key: KeyLike = None) -> optax.GradientTransformationExtraArgs:
   """SET (Sparse Evolutionary Training): drop the smallest weights, regrow at random.
 
   Same as :func:`rigl` except that the ``k`` grown connections are drawn uniformly at random

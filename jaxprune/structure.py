@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 
 
@@ -30,13 +31,13 @@ class Unstructured:
   def validate(self, path: str, shape: tuple[int, ...]) -> None:
     del path, shape
 
-  def num_units(self, shape):
+  def num_units(self, shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
-  def unit_scores(self, scores):
+  def unit_scores(self, scores: jax.Array) -> jax.Array:
     return scores
 
-  def expand(self, keep, shape):
+  def expand(self, keep: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     del shape
     return keep
 
@@ -55,13 +56,13 @@ class Channels:
       raise ValueError(f"channels(reduce=...) must be 'l2', 'l1', 'mean' or 'max', got "
                        f"{self.reduce!r}.")
 
-  def validate(self, path, shape):
+  def validate(self, path: str, shape: tuple[int, ...]) -> None:
     _norm_axis(self.axis, len(shape), path, "channels()")
 
-  def num_units(self, shape):
+  def num_units(self, shape: tuple[int, ...]) -> int:
     return shape[self.axis % len(shape)]
 
-  def unit_scores(self, scores):
+  def unit_scores(self, scores: jax.Array) -> jax.Array:
     ax = self.axis % scores.ndim
     others = tuple(i for i in range(scores.ndim) if i != ax)
     s = scores.astype(jnp.float32)
@@ -73,7 +74,7 @@ class Channels:
       return jnp.mean(s, axis=others)
     return jnp.max(s, axis=others)
 
-  def expand(self, keep, shape):
+  def expand(self, keep: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     ax = self.axis % len(shape)
     bshape = tuple(n if i == ax else 1 for i, n in enumerate(shape))
     return jnp.broadcast_to(keep.reshape(bshape), shape)
@@ -84,7 +85,7 @@ class Blocks:
   """Rectangular blocks over the last ``len(shape)`` axes are units (scored by their L2 norm)."""
   shape: tuple[int, ...] = (4, 4)
 
-  def validate(self, path, shape):
+  def validate(self, path: str, shape: tuple[int, ...]) -> None:
     b = self.shape
     if len(shape) < len(b):
       raise ValueError(f"blocks({b}) needs at least {len(b)} dimensions; leaf '{path}' has "
@@ -94,23 +95,23 @@ class Blocks:
         raise ValueError(f"blocks({b}) does not tile leaf '{path}' of shape {shape}: each of "
                          f"the last {len(b)} dimensions must be a multiple of the block size.")
 
-  def _split(self, shape):
+  def _split(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     lead, tail = shape[:-len(self.shape)], shape[-len(self.shape):]
     split = sum(((n // k, k) for n, k in zip(tail, self.shape)), ())
     return lead, split
 
-  def num_units(self, shape):
+  def num_units(self, shape: tuple[int, ...]) -> int:
     lead, _ = self._split(shape)
     return math.prod(lead) * math.prod(n // k for n, k in zip(shape[-len(self.shape):],
                                                                self.shape))
 
-  def unit_scores(self, scores):
+  def unit_scores(self, scores: jax.Array) -> jax.Array:
     lead, split = self._split(scores.shape)
     s = scores.astype(jnp.float32).reshape(lead + split)
     inner = tuple(len(lead) + 2 * i + 1 for i in range(len(self.shape)))
     return jnp.sqrt(jnp.sum(jnp.square(s), axis=inner))
 
-  def expand(self, keep, shape):
+  def expand(self, keep: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     lead, split = self._split(shape)
     unit_shape = lead + tuple(split[0::2])
     k = keep.reshape(lead + sum(((n, 1) for n in unit_shape[len(lead):]), ()))
@@ -133,13 +134,13 @@ class NOfM:
   def sparsity(self) -> float:
     return 1.0 - self.n / self.m
 
-  def validate(self, path, shape):
+  def validate(self, path: str, shape: tuple[int, ...]) -> None:
     ax = _norm_axis(self.axis, len(shape), path, f"n_of_m({self.n}, {self.m})")
     if shape[ax] % self.m:
       raise ValueError(f"n_of_m({self.n}, {self.m}) along axis {self.axis}: leaf '{path}' of "
                        f"shape {shape} has length {shape[ax]} there, not a multiple of {self.m}.")
 
-  def num_units(self, shape):
+  def num_units(self, shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
@@ -148,10 +149,10 @@ class PerOutput:
   """Unstructured, but every slice along ``axis`` (every output unit) loses the same count."""
   axis: int = -1
 
-  def validate(self, path, shape):
+  def validate(self, path: str, shape: tuple[int, ...]) -> None:
     _norm_axis(self.axis, len(shape), path, "per_output()")
 
-  def num_units(self, shape):
+  def num_units(self, shape: tuple[int, ...]) -> int:
     return math.prod(shape) // shape[self.axis % len(shape)]
 
 

@@ -41,9 +41,12 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxprune import _tree, allocation
+from jaxprune import _transform_utils as _util
+from jaxprune import _tree
+from jaxprune._typing import KeyLike, Masks, Params, Where
 from jaxprune.masks import topk_mask
 from jaxprune.scores import magnitude_scores, movement_scores, random_scores, saliency_scores
+from jaxprune.structure import Structure
 
 __all__ = [
     "PruningState", "pruning", "magnitude_pruning", "random_pruning", "saliency_pruning",
@@ -54,10 +57,6 @@ ScoreFn = Callable[..., Any]
 
 _NEVER = 2**31 - 1  # end_step=None: masks are updated for the whole training
 
-NO_PARAMS_MSG = ("This pruning transform needs the params: call tx.update(updates, state, params) "
-                 "(optax.apply_updates lands pruned weights on 0 by emitting -params).")
-
-
 class PruningState(NamedTuple):
   """State of the transforms built by :func:`pruning` (and the named pruning transforms)."""
   count: jax.Array          # int32 scalar: updates seen so far.
@@ -65,108 +64,6 @@ class PruningState(NamedTuple):
   scores: optax.Params      # accumulated scores (float32) when the criterion accumulates,
                             # else optax.EmptyState().
   inner_state: optax.OptState  # the wrapped optimizer's state, or optax.EmptyState().
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def as_schedule(value, name: str = "sparsity") -> Callable[[jax.Array], jax.Array]:
-  """A fraction or an ``optax.Schedule`` as a schedule returning float32 in [0, 1]."""
-  if callable(value):
-    return lambda count: jnp.clip(jnp.asarray(value(count), jnp.float32), 0.0, 1.0)
-  if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) != 0:
-    raise ValueError(f"{name} must be a number, a 0-d array or a schedule; got shape "
-                     f"{np.shape(value)}.")
-  if allocation.is_scalar(value):
-    value = allocation.check_fraction(value, "<all>", what=name)
-    return lambda count: jnp.clip(jnp.asarray(value, jnp.float32), 0.0, 1.0)
-  raise ValueError(f"{name} must be a number, a 0-d array or a schedule (step -> {name}); got "
-                   f"{type(value).__name__}.")
-
-
-def as_key(key) -> jax.Array:
-  """A typed PRNG key from a key (typed or raw uint32), an int seed (maybe traced) or None (0)."""
-  if key is None:
-    return jax.random.key(0)
-  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key
-  if isinstance(key, (jax.Array, np.ndarray)) and np.shape(key) == (2,):
-    return jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
-  return jax.random.key(key)
-
-
-def is_placeholder(params) -> bool:
-  """True for a tree without leaves, e.g. the placeholder ``optax.tree.map_params`` inits with."""
-  return not jax.tree.leaves(params)
-
-
-def selection(params, where):
-  """``(paths, chosen, where_by_path)``: prunable leaves of ``params`` as chosen by ``where``.
-
-  ``where_by_path`` is a ``where`` that answers by path alone, so that score trees (whose leaf
-  dtypes may differ from the params') select exactly the same leaves.
-  """
-  paths, _, _, chosen = _tree.selected(params, where)
-  chosen_paths = frozenset(p for p, c in zip(paths, chosen, strict=True) if c)
-  return paths, chosen, (lambda path, leaf: path in chosen_paths)
-
-
-def ones_masks(params, chosen):
-  """All-True keep-masks: a bool array for chosen leaves, scalar True for the others."""
-  treedef = jax.tree.structure(params)
-  leaves = jax.tree.leaves(params)
-  out = [jnp.ones_like(x, dtype=bool) if c else jnp.ones((), bool)
-         for x, c in zip(leaves, chosen, strict=True)]
-  return jax.tree.unflatten(treedef, out)
-
-
-def enforce(masks, updates, params, chosen, override=None):
-  """``where(mask, u, -p)`` on chosen leaves so that ``apply_updates`` lands pruned weights on 0.
-
-  ``override`` (optional, same tree as masks) marks kept weights that must also land on 0
-  (e.g. connections RigL just grew). The result has ``result_type(u, p)`` so ``-p`` is exact.
-  """
-  treedef = jax.tree.structure(updates)
-  m_leaves = treedef.flatten_up_to(masks)
-  u_leaves = jax.tree.leaves(updates)
-  p_leaves = treedef.flatten_up_to(params)
-  o_leaves = treedef.flatten_up_to(override) if override is not None else [None] * len(u_leaves)
-  out = []
-  for m, u, p, o, c in zip(m_leaves, u_leaves, p_leaves, o_leaves, chosen, strict=True):
-    if c:
-      keep = m if o is None else m & ~o
-      u = jnp.where(keep, u, -p)
-    out.append(u)
-  return jax.tree.unflatten(treedef, out)
-
-
-def mask_grads(masks, grads, chosen):
-  """Zeroes the gradients of pruned weights (so inner optimizers see only surviving weights)."""
-  treedef = jax.tree.structure(grads)
-  m_leaves = treedef.flatten_up_to(masks)
-  out = [jnp.where(m, g, jnp.zeros((), g.dtype)) if c else g
-         for m, g, c in zip(m_leaves, jax.tree.leaves(grads), chosen, strict=True)]
-  return jax.tree.unflatten(treedef, out)
-
-
-def allocate(params, s, distribution: str, where_by_path):
-  """Per-leaf sparsities for the global sparsity ``s`` (float32 scalar, maybe traced)."""
-  if distribution == "uniform":
-    return s
-  return allocation.erk_sparsities(params, jnp.asarray(s, jnp.float32), where=where_by_path)
-
-
-def check_options(scope: str, distribution: str, update_every) -> None:
-  if scope not in ("layerwise", "global"):
-    raise ValueError(f"scope must be 'layerwise' or 'global', got {scope!r}.")
-  if distribution not in ("uniform", "erk"):
-    raise ValueError(f"distribution must be 'uniform' or 'erk', got {distribution!r}.")
-  if scope == "global" and distribution != "uniform":
-    raise ValueError("scope='global' sets one threshold over all leaves; it takes "
-                     f"distribution='uniform', got {distribution!r}.")
-  if isinstance(update_every, bool) or (
-      isinstance(update_every, (int, np.integer)) and update_every < 1):
-    raise ValueError(f"update_every must be an int >= 1, got {update_every!r}.")
 
 
 def _nan_pruned(scores, masks, chosen):
@@ -211,7 +108,7 @@ def _masks_fn(score_fn, structure, scope, distribution, where, accumulate, strai
   """
   @jax.jit
   def new_masks(updates, masks, acc, params, count, s, key_t, every, end):
-    _, chosen, where_p = selection(params, where)
+    _, chosen, where_p = _util.selection(params, where)
 
     def step_scores():
       return score_fn(params, grads=updates, key=key_t, where=where_p)
@@ -223,7 +120,7 @@ def _masks_fn(score_fn, structure, scope, distribution, where, accumulate, strai
       scores = _score_with(acc, params, chosen) if accumulate else step_scores()
       if not straight_through:
         scores = _nan_pruned(scores, masks, chosen)
-      alloc = allocate(params, s, distribution, where_p)
+      alloc = _util.allocate(params, s, distribution, where_p)
       new = topk_mask(scores, alloc, structure=structure, scope=scope, where=where_p)
       return new if straight_through else _and(new, masks)
 
@@ -232,11 +129,13 @@ def _masks_fn(score_fn, structure, scope, distribution, where, accumulate, strai
   return new_masks
 
 
-def pruning(score_fn: ScoreFn, sparsity, *, inner_tx: optax.GradientTransformation | None = None,
-            update_every: int = 1, end_step: int | None = None, structure=None,
+def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
+            inner_tx: optax.GradientTransformation | None = None, update_every: int = 1,
+            end_step: int | None = None, structure: Structure | None = None,
             scope: str = "layerwise", distribution: str = "uniform",
-            where: _tree.Where | None = None, accumulate: bool = False,
-            straight_through: bool = False, key=None) -> optax.GradientTransformationExtraArgs:
+            where: Where | None = None, accumulate: bool = False,
+            straight_through: bool = False,
+            key: KeyLike = None) -> optax.GradientTransformationExtraArgs:
   """Prunes by any score while training; the named pruning transforms are thin wrappers of it.
 
   Every ``update_every`` steps (step 0 included) the masks are recomputed from
@@ -294,18 +193,18 @@ def pruning(score_fn: ScoreFn, sparsity, *, inner_tx: optax.GradientTransformati
     Array([[ 0. , -2.1],
            [ 2.9,  0. ]], dtype=float32)
   """
-  sched = as_schedule(sparsity)
-  check_options(scope, distribution, update_every)
-  base_key = as_key(key)
+  sched = _util.as_schedule(sparsity)
+  _util.check_options(scope, distribution, update_every)
+  base_key = _util.as_key(key)
 
   def init_fn(params):
     inner_state = inner_tx.init(params) if inner_tx is not None else optax.EmptyState()
-    if is_placeholder(params):
+    if _util.is_placeholder(params):
       masks = jax.tree.map(lambda x: x, params)
       scores = jax.tree.map(lambda x: x, params) if accumulate else optax.EmptyState()
       return PruningState(jnp.zeros([], jnp.int32), masks, scores, inner_state)
-    _, chosen, _ = selection(params, where)
-    masks = ones_masks(params, chosen)
+    _, chosen, _ = _util.selection(params, where)
+    masks = _util.ones_masks(params, chosen)
     scores = optax.EmptyState()
     if accumulate:
       treedef = jax.tree.structure(params)
@@ -319,8 +218,8 @@ def pruning(score_fn: ScoreFn, sparsity, *, inner_tx: optax.GradientTransformati
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
-      raise ValueError(NO_PARAMS_MSG)
-    _, chosen, _ = selection(params, where)
+      raise ValueError(_util.NO_PARAMS_MSG)
+    _, chosen, _ = _util.selection(params, where)
     count = state.count
     masks, acc = new_masks(updates, state.masks, state.scores, params, count, sched(count),
                            jax.random.fold_in(base_key, count),
@@ -328,11 +227,11 @@ def pruning(score_fn: ScoreFn, sparsity, *, inner_tx: optax.GradientTransformati
                            jnp.asarray(_NEVER if end_step is None else end_step, jnp.int32))
     inner_state = state.inner_state
     if inner_tx is not None:
-      grads_in = updates if straight_through else mask_grads(masks, updates, chosen)
+      grads_in = updates if straight_through else _util.mask_grads(masks, updates, chosen)
       updates, inner_state = optax.with_extra_args_support(inner_tx).update(
           grads_in, state.inner_state, params, **extra_args)
     if not straight_through:
-      updates = enforce(masks, updates, params, chosen)
+      updates = _util.enforce(masks, updates, params, chosen)
     return updates, PruningState(optax.safe_increment(count), masks, acc, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -361,10 +260,10 @@ def _movement(params, *, grads, key, where):
   return movement_scores(params, grads, where=where)
 
 
-def magnitude_pruning(sparsity, *, update_every: int = 1, end_step: int | None = None,
-                      structure=None,
+def magnitude_pruning(sparsity: optax.ScalarOrSchedule, *, update_every: int = 1,
+                      end_step: int | None = None, structure: Structure | None = None,
                       scope: str = "layerwise", distribution: str = "uniform",
-                      where: _tree.Where | None = None,
+                      where: Where | None = None,
                       straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
   """Magnitude pruning while training (gradual when ``sparsity`` is a schedule).
 
@@ -407,10 +306,11 @@ def magnitude_pruning(sparsity, *, update_every: int = 1, end_step: int | None =
                  straight_through=straight_through)
 
 
-def random_pruning(sparsity, *, key=None, update_every: int = 1,
-                   end_step: int | None = None, structure=None,
+def random_pruning(sparsity: optax.ScalarOrSchedule, *, key: KeyLike = None,
+                   update_every: int = 1, end_step: int | None = None,
+                   structure: Structure | None = None,
                    scope: str = "layerwise", distribution: str = "uniform",
-                   where: _tree.Where | None = None,
+                   where: Where | None = None,
                    straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
   """Random pruning while training: a baseline that removes random weights (a chain link, last).
 
@@ -442,9 +342,11 @@ def random_pruning(sparsity, *, key=None, update_every: int = 1,
                  straight_through=straight_through)
 
 
-def saliency_pruning(inner_tx: optax.GradientTransformation, sparsity, *, update_every: int = 1,
-                     end_step: int | None = None, structure=None, scope: str = "layerwise",
-                     distribution: str = "uniform", where: _tree.Where | None = None,
+def saliency_pruning(inner_tx: optax.GradientTransformation,
+                     sparsity: optax.ScalarOrSchedule, *, update_every: int = 1,
+                     end_step: int | None = None, structure: Structure | None = None,
+                     scope: str = "layerwise", distribution: str = "uniform",
+                     where: Where | None = None,
                      straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
   """Saliency (first-order Taylor, ``|w·g|``) pruning while training, wrapping ``inner_tx``.
 
@@ -480,10 +382,11 @@ def saliency_pruning(inner_tx: optax.GradientTransformation, sparsity, *, update
                  distribution=distribution, where=where, straight_through=straight_through)
 
 
-def movement_pruning(inner_tx: optax.GradientTransformation, sparsity, *,
-                     update_every: int = 1, end_step: int | None = None, structure=None,
+def movement_pruning(inner_tx: optax.GradientTransformation,
+                     sparsity: optax.ScalarOrSchedule, *, update_every: int = 1,
+                     end_step: int | None = None, structure: Structure | None = None,
                      scope: str = "layerwise", distribution: str = "uniform",
-                     where: _tree.Where | None = None,
+                     where: Where | None = None,
                      straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
   """Movement pruning, wrapping ``inner_tx``: keeps the weights moving away from zero.
 
@@ -538,7 +441,7 @@ def _ste_bwd(m, g):
 _ste.defvjp(_ste_fwd, _ste_bwd)
 
 
-def apply_masks_straight_through(params, masks):
+def apply_masks_straight_through(params: Params, masks: Masks) -> Params:
   """``apply_masks`` in the forward pass, identity in the backward pass.
 
   Pruned weights are 0 in the forward pass but receive the gradient of the masked weight, so a
@@ -586,7 +489,7 @@ def _rewrap(old, value):
   return old.replace(value) if _is_variable(old) else value
 
 
-def masks_from_state(opt_state):
+def masks_from_state(opt_state: optax.OptState) -> Masks:
   """The keep-masks held anywhere inside a (nested) optax state.
 
   Looks through ``optax.chain``, ``MultiSteps``, ``inject_hyperparams``, wrappers and an
@@ -623,7 +526,7 @@ def masks_from_state(opt_state):
   return out
 
 
-def replace_masks(opt_state, masks):
+def replace_masks(opt_state: optax.OptState, masks: Masks) -> optax.OptState:
   """A copy of ``opt_state`` whose jaxprune pruning states hold ``masks`` (e.g. a lottery
   ticket's, to train the next round with them).
 

@@ -102,11 +102,11 @@ def test_mitigation_follows_the_dual_rule_and_keeps_pruned_weights_zero():
           for g in range(3)]
   np.testing.assert_allclose(viol[0], want, rtol=1e-5, atol=1e-6)
   # Masks unchanged; pruned weights exactly 0; kept weights trained.
-  for path, m, m2 in zip(*(jp._tree.flatten(masks)[:2]), jp._tree.flatten(r.masks)[1]):
+  for path, m, m2 in zip(*(jp.tree.flatten(masks)[:2]), jp.tree.flatten(r.masks)[1]):
     np.testing.assert_array_equal(np.asarray(m), np.asarray(m2), err_msg=path)
-  flat0 = dict(zip(*jp._tree.flatten(params)[:2]))
-  flat1 = dict(zip(*jp._tree.flatten(r.params)[:2]))
-  flat_m = dict(zip(*jp._tree.flatten(masks)[:2]))
+  flat0 = dict(zip(*jp.tree.flatten(params)[:2]))
+  flat1 = dict(zip(*jp.tree.flatten(r.params)[:2]))
+  flat_m = dict(zip(*jp.tree.flatten(masks)[:2]))
   for path, m in flat_m.items():
     if np.ndim(m):
       w = np.asarray(flat1[path])
@@ -155,8 +155,8 @@ def test_finetune_freezes_any_masks_with_sparsity_none():
   r = fairness.mitigation_finetune(graphdef, params, rest, masks, data.batch, steps=3,
                                    sparsity=None, learning_rate=1e-2,
                                    mitigation=fairness.Mitigation(0.0, 0.5))
-  for (path, m), m2, w in zip(zip(*jp._tree.flatten(masks)[:2]), jp._tree.flatten(r.masks)[1],
-                              jp._tree.flatten(r.params)[1]):
+  for (path, m), m2, w in zip(zip(*jp.tree.flatten(masks)[:2]), jp.tree.flatten(r.masks)[1],
+                              jp.tree.flatten(r.params)[1]):
     np.testing.assert_array_equal(np.asarray(m), np.asarray(m2), err_msg=path)
     if np.ndim(m):
       assert np.all(np.asarray(w)[~np.asarray(m)] == 0.0), path
@@ -223,7 +223,7 @@ def _synthetic_workdir(path):
   model = models.create_model("mlp", input_shape=(5,), num_classes=3, rngs=nnx.Rngs(0),
                               hidden=(4,))
   _, params, _ = nnx.split(model, nnx.Param, ...)
-  flat = dict(zip(*jp._tree.flatten(nnx.as_pure(params))[:2]))
+  flat = dict(zip(*jp.tree.flatten(nnx.as_pure(params))[:2]))
   (path / "config.json").write_text(json.dumps(
       {"num_classes": 3, "minority_classes": [0], "model": "mlp",
        "model_kwargs": {"hidden": [4]}, "input_shape": [5], "keep_fraction": 0.1}))

@@ -25,7 +25,8 @@ Rules checked:
   the benchmarks), and ``train`` never imports ``benchmarks`` (the runner works without the
   benchmarks; only ``jaxprune`` is installed, see ``pyproject.toml``);
 * no module of ``train`` or ``benchmarks`` uses a private function or class of another module
-  (``from m import _f`` or ``m._f``); private *modules* such as ``jaxprune._tree`` are allowed.
+  (``from m import _f`` or ``m._f``), and none imports a private module of ``jaxprune``
+  (``jaxprune._tree``, ``jaxprune._select``): they use the public API only.
 """
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ def test_the_graph_sees_every_module_and_known_edges():
   assert {"jaxprune", "jaxprune._tree", "jaxprune.analysis", "train.analyze", "train.runs",
           "train.configs.mitigation", "benchmarks.fairness"} <= set(modules)
   assert "train.runs" in edges["train.analyze"] and "train.train" in edges["benchmarks.fairness"]
-  assert "jaxprune._tree" in edges["train.runs"]       # from jaxprune import _tree
+  assert "jaxprune" in edges["train.runs"]             # import jaxprune as jp
   assert "jaxprune.analysis" in edges["jaxprune"]      # a package's __init__ edges are kept
   assert "jaxprune" not in edges["jaxprune.masks"]     # own ancestors are not
 
@@ -221,3 +222,11 @@ def test_cycle_finder_and_resolver_on_a_synthetic_tree(tmp_path):
   (pkg / "sub" / "d.py").write_text("from ..a import thing\n")
   cycle = find_cycle(import_graph(tmp_path, ("pkg",))[1])
   assert cycle == ["pkg.a", "pkg._helpers", "pkg.sub.c", "pkg.sub.d", "pkg.a"]
+
+
+def test_train_and_benchmarks_import_no_private_module_of_jaxprune():
+  _, edges, _ = GRAPH
+  bad = [f"{m} -> {t} (line {line})" for m, targets in edges.items()
+         if m.split(".")[0] in ("train", "benchmarks") for t, line in targets.items()
+         if t.split(".")[0] == "jaxprune" and any(_private(part) for part in t.split("."))]
+  assert not bad, f"train/ and benchmarks/ use jaxprune's public API only: {bad}"

@@ -27,7 +27,7 @@ def _by_name(groups):
 
 
 def _shapes(tree):
-  return {jp._tree.path_str(k): tuple(v.shape)
+  return {jp.tree.path_str(k): tuple(v.shape)
           for k, v in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(v, "shape")}
 
 
@@ -227,7 +227,7 @@ def _build(cls, seed=0):
 
   def fill(kp, x):
     if jnp.issubdtype(x.dtype, jnp.floating):
-      lo, hi = (0.5, 1.5) if jp._tree.path_str(kp).endswith("var") else (-1.0, 1.0)
+      lo, hi = (0.5, 1.5) if jp.tree.path_str(kp).endswith("var") else (-1.0, 1.0)
       return jnp.asarray(rng.uniform(lo, hi, x.shape).astype(x.dtype))
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       return jax.random.key(0)

@@ -16,7 +16,6 @@ import pytest
 import tensorflow_datasets as tfds
 
 import jaxprune as jp
-from jaxprune import _tree
 from train import input_pipeline, models, train
 
 TINY = {
@@ -71,9 +70,9 @@ def mock_data(tmp_path_factory):
 
 def _kernels(params, where, masks=None):
   """``{path: array}`` of the leaves ``where`` selects (of ``masks`` if given, by path)."""
-  paths, leaves, _ = _tree.flatten(params)
+  paths, leaves, _ = jp.tree.flatten(params)
   chosen = [p for p, x in zip(paths, leaves, strict=True) if where(p, x)]
-  source = dict(zip(*_tree.flatten(masks if masks is not None else params)[:2], strict=True))
+  source = dict(zip(*jp.tree.flatten(masks if masks is not None else params)[:2], strict=True))
   return {p: np.asarray(source[p]) for p in chosen}
 
 
@@ -99,7 +98,7 @@ def test_every_model_and_recipe_trains_and_prunes(model, recipe, mock_data):
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before, params)
     assert all(jax.tree.leaves(changed))
   elif recipe in ("oneshot", "gmp"):  # ERK: each leaf loses round(s_leaf * n), s_leaf from ERK
-    erk = dict(zip(*_tree.flatten(jp.erk_sparsities(params, s, where=exp.where))[:2],
+    erk = dict(zip(*jp.tree.flatten(jp.erk_sparsities(params, s, where=exp.where))[:2],
                    strict=True))
     for path, w in kernels.items():
       assert abs(int((~masks[path]).sum()) - round(erk[path] * w.size)) <= 1, path

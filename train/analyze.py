@@ -40,7 +40,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxprune import _tree, analysis
+import jaxprune as jp
+from jaxprune import analysis
 from train import models
 from train.mitigation import mitigation_arms, mitigation_table
 from train.runs import MITIGATION_SUFFIX, Run, Workdir, load_workdir, save_run_file
@@ -144,8 +145,8 @@ def _sensitivity(wd: Workdir, sparsities=(0.5, 0.8, 0.9, 0.95)):
                               **dict(cfg.get("model_kwargs") or {}))
   graphdef, params_t, rest_t = nnx.split(model, nnx.Param, ...)
   params_t, rest_t = nnx.as_pure(params_t), nnx.as_pure(rest_t)
-  p_paths, _, p_def = _tree.flatten(params_t)
-  r_paths, _, r_def = _tree.flatten(rest_t)
+  p_paths, _, p_def = jp.tree.flatten(params_t)
+  r_paths, _, r_def = jp.tree.flatten(rest_t)
   run = ref[0]
   missing = [p for p in p_paths if p not in run.params] + [p for p in r_paths if p not in run.rest]
   if missing:

@@ -26,7 +26,6 @@ import optax
 from flax import nnx
 
 import jaxprune as jp
-from jaxprune import _tree
 from train import input_pipeline, models, recipes
 from train.trainer import Trainer
 
@@ -94,9 +93,9 @@ def make_where(regex: str | None, params, structure=None) -> tuple[Callable, dic
     raise ValueError(f"pruning.where: invalid regular expression {regex!r}: {e}") from e
 
   def base(path, leaf):
-    return _tree.default_where(path, leaf) and (pattern is None or bool(pattern.search(path)))
+    return jp.tree.default_where(path, leaf) and (pattern is None or bool(pattern.search(path)))
 
-  paths, leaves, _ = _tree.flatten(params)
+  paths, leaves, _ = jp.tree.flatten(params)
   skipped = {}
   if structure is not None:
     for path, leaf in zip(paths, leaves, strict=True):
@@ -231,8 +230,8 @@ class Experiment:
       self.where, self.structure_skipped = make_where(p.get("where"), params, self.structure)
       self.notes += [f"`{k}` stays dense: {v}" for k, v in self.structure_skipped.items()]
     else:
-      self.where = _tree.default_where
-    paths, leaves, _ = _tree.flatten(params)
+      self.where = jp.tree.default_where
+    paths, leaves, _ = jp.tree.flatten(params)
     self.initial_prunable = sum(int(np.size(x)) for path, x in zip(paths, leaves, strict=True)
                                 if self.where(path, x))
     self.recipe = recipe_cls(self)

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxprune import _tree
+import jaxprune as jp
 from train import models
 from train.input_pipeline import unbalanced_indices
 from train.mitigation import (
@@ -149,7 +149,7 @@ def run_steps(trainer: Trainer, batch_fn: Callable[[int], Batch], *, start_step:
 
 def _num_logits(params) -> int:
   """The model's number of outputs: the last axis of the last leaf named ``*kernel``."""
-  paths, leaves, _ = _tree.flatten(params)
+  paths, leaves, _ = jp.tree.flatten(params)
   kernels = [leaf for p, leaf in zip(paths, leaves) if p.endswith("kernel")]
   if not kernels:
     raise ValueError("params: no leaf named '*kernel' to read the number of classes from; "
@@ -159,8 +159,8 @@ def _num_logits(params) -> int:
 
 
 def _check_masks(params, masks, sparsity: float | None) -> None:
-  paths, leaves, _ = _tree.flatten(params)
-  _, mask_leaves, _ = _tree.flatten(masks)
+  paths, leaves, _ = jp.tree.flatten(params)
+  _, mask_leaves, _ = jp.tree.flatten(masks)
   if len(mask_leaves) != len(leaves):
     raise ValueError(f"masks: {len(mask_leaves)} leaves but params have {len(leaves)}")
   for path, p, m in zip(paths, leaves, mask_leaves):
@@ -179,7 +179,7 @@ def finetune_trainer(graphdef, params, rest, masks, *, steps: int, sparsity: flo
                      mitigation: Mitigation | None, num_classes: int | None = None,
                      learning_rate: float = 1e-3,
                      optimizer: optax.GradientTransformation | None = None, multipliers=None,
-                     where: _tree.Where | None = None,
+                     where: jp.tree.Where | None = None,
                      mesh: jax.sharding.Mesh | None = None) -> Trainer:
   """The :class:`train.train.Trainer` of :func:`mitigation_finetune`, before its first step.
 
@@ -245,7 +245,7 @@ def mitigation_finetune(graphdef, params, rest, masks, batch_fn: Callable[[int],
                         steps: int, sparsity: float | None, mitigation: Mitigation | None,
                         num_classes: int | None = None, learning_rate: float = 1e-3,
                         optimizer: optax.GradientTransformation | None = None,
-                        start_step: int = 0, multipliers=None, where: _tree.Where | None = None,
+                        start_step: int = 0, multipliers=None, where: jp.tree.Where | None = None,
                         chunk: int = 50, mesh: jax.sharding.Mesh | None = None) -> FinetuneResult:
   """Fine-tunes a pruned model with fixed masks, under per-group loss constraints.
 

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxprune import _tree, analysis, transforms
+import jaxprune as jp
+from jaxprune import analysis, transforms
 from train.runs import CONTROL_SUFFIX, MITIGATION_SUFFIX
 from train.summary import SUMMARY_COLUMNS, markdown_table, mean_std
 
@@ -156,7 +157,7 @@ def group_ids(labels, mitigation: Mitigation) -> jax.Array:
 @functools.lru_cache(maxsize=16)
 def finetune_optimizer(learning_rate: float, steps: int, sparsity: float = 0.0,
                        optimizer: optax.GradientTransformation | None = None,
-                       where: _tree.Where | None = None) -> optax.GradientTransformation:
+                       where: jp.tree.Where | None = None) -> optax.GradientTransformation:
   """The optimizer of a fine-tuning that keeps given masks: ``chain(inner, magnitude_pruning)``.
 
   ``inner`` is ``optimizer`` or Adam with a cosine decay from ``learning_rate`` over ``steps``.

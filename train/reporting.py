@@ -137,9 +137,9 @@ def layer_rows(params, where) -> list[LayerRow]:
     >>> [(r["path"], r["nonzero"], r["sparsity"], r["pruned"]) for r in rows]
     [('b', 2, 0.0, False), ('w', 2, 0.5, True)]
   """
-  from jaxprune import _tree
+  import jaxprune as jp
 
-  paths, leaves, _ = _tree.flatten(params)
+  paths, leaves, _ = jp.tree.flatten(params)
   rows = []
   for p, x in zip(paths, leaves, strict=True):
     a = np.asarray(x)

@@ -56,7 +56,7 @@ Run files (``.npz``; :func:`save_run_file`, :func:`read_run_file`)
 ``logits``: float32 ``(n, num_classes)`` on the test examples (required);
 ``label``: int32 ``(n,)`` the labels the logits are for (checked when present);
 ``masks/<path>``: bool arrays of the pruned leaves (keep = True), paths as in
-:func:`jaxprune._tree.path_str` (e.g. ``masks/convs/1/kernel``; unpruned leaves left out);
+:func:`jaxprune.tree.path_str` (e.g. ``masks/convs/1/kernel``; unpruned leaves left out);
 ``params/<path>``, ``rest/<path>``: the model's ``nnx.Param`` state and the rest (BatchNorm
 statistics), needed for layer sensitivity (read from the reference run of the first seed);
 ``multipliers``: float32 ``(num_groups,)`` final Lagrange multipliers (mitigated runs);
@@ -85,7 +85,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from jaxprune import _tree
+import jaxprune as jp
 
 __all__ = [
     "CONFIG", "CONTROL_SUFFIX", "INDEX", "METRICS", "MITIGATION_SUFFIX", "PARAMS", "PREDICTIONS",
@@ -155,7 +155,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
 
 
 def flat_arrays(tree) -> dict[str, np.ndarray]:
-  """``{path: numpy array}`` of a pytree, by :func:`jaxprune._tree.path_str` path.
+  """``{path: numpy array}`` of a pytree, by :func:`jaxprune.tree.path_str` path.
 
   Examples:
     >>> import numpy as np
@@ -163,7 +163,7 @@ def flat_arrays(tree) -> dict[str, np.ndarray]:
     >>> runs.flat_arrays({"layers": [{"kernel": np.ones((2, 2))}]})["layers/0/kernel"].shape
     (2, 2)
   """
-  paths, leaves, _ = _tree.flatten(tree)
+  paths, leaves, _ = jp.tree.flatten(tree)
   return {p: np.asarray(leaf) for p, leaf in zip(paths, leaves, strict=True)}
 
 
@@ -367,7 +367,7 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 @functools.lru_cache(maxsize=16)
-def where_excluding(paths: tuple[str, ...]) -> _tree.Where | None:
+def where_excluding(paths: tuple[str, ...]) -> jp.tree.Where | None:
   """The default prunable-leaf rule minus the leaves at ``paths`` (None when ``paths`` is empty).
 
   What ``keep_dense`` in an experiment's ``config.json`` means. Cached, so equal ``paths``
@@ -383,7 +383,7 @@ def where_excluding(paths: tuple[str, ...]) -> _tree.Where | None:
   if not paths:
     return None
   skip = frozenset(paths)
-  return lambda path, leaf: path not in skip and _tree.default_where(path, leaf)
+  return lambda path, leaf: path not in skip and jp.tree.default_where(path, leaf)
 
 
 @dataclasses.dataclass
@@ -422,7 +422,7 @@ class Workdir:
     return tuple(int(c) for c in self.config.get("minority_classes", ()) or ())
 
   @property
-  def where(self) -> _tree.Where | None:
+  def where(self) -> jp.tree.Where | None:
     """The prunable leaves of the runs (``keep_dense`` excluded), None for the default rule."""
     return where_excluding(tuple(self.config.get("keep_dense", ()) or ()))
 

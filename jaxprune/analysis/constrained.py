@@ -45,8 +45,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxprune._typing import ArrayLike
 
-def constrained_loss(per_example_loss, groups, multipliers, *, num_groups: int,
+
+def constrained_loss(per_example_loss: jax.Array, groups: ArrayLike, multipliers: jax.Array, *,
+                     num_groups: int,
                      epsilon: float) -> tuple[jax.Array, jax.Array]:
   """The Lagrangian of per-group loss constraints, and how much each constraint is violated.
 
@@ -99,7 +102,8 @@ def constrained_loss(per_example_loss, groups, multipliers, *, num_groups: int,
   return lagrangian, jax.lax.stop_gradient(violations)
 
 
-def dual_ascent_update(multipliers, violations, step_size) -> jax.Array:
+def dual_ascent_update(multipliers: jax.Array, violations: jax.Array,
+                       step_size: float | jax.Array) -> jax.Array:
   """One projected gradient-ascent step on the multipliers: ``max(0, λ + η · violation)``.
 
   The gradient of the Lagrangian with respect to ``λ_g`` is the violation of constraint ``g``;

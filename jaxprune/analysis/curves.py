@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxprune._typing import PathLike
 from jaxprune.analysis import _format
 
 
@@ -90,7 +91,7 @@ def accuracy_vs_sparsity(records: Iterable[Mapping], *, metric: str = "accuracy"
   return SparsityCurves(curves=curves, metric=metric)
 
 
-def plot_accuracy_vs_sparsity(curves: SparsityCurves, path, *, dense: float | None = None,
+def plot_accuracy_vs_sparsity(curves: SparsityCurves, path: PathLike, *, dense: float | None = None,
                               title: str | None = None) -> str:
   """Plots every method's mean with a ±std band against sparsity and saves it.
 

@@ -8,6 +8,7 @@ them shows what pruning forgets.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import _tree
+from jaxprune._typing import ArrayLike, PathLike
 from jaxprune.analysis import _format
 
 
@@ -50,7 +52,7 @@ class Exemplars(NamedTuple):
     return self.to_markdown()
 
 
-def modal_prediction(preds, num_classes: int) -> jax.Array:
+def modal_prediction(preds: ArrayLike, num_classes: int) -> jax.Array:
   """The most frequent prediction per example over a population of models.
 
   Ties go to the smallest label (``argmax`` returns the first maximum).
@@ -84,7 +86,8 @@ def _check_population(preds, name: str) -> np.ndarray | None:
   return arr
 
 
-def pruning_identified_exemplars(dense_preds, pruned_preds, labels=None, *,
+def pruning_identified_exemplars(dense_preds: ArrayLike, pruned_preds: ArrayLike,
+                                 labels: ArrayLike | None = None, *,
                                  num_classes: int | None = None) -> Exemplars:
   """Finds pruning-identified exemplars (Hooker et al., 2019).
 
@@ -155,8 +158,10 @@ def pruning_identified_exemplars(dense_preds, pruned_preds, labels=None, *,
                    class_fraction=class_fraction)
 
 
-def plot_exemplar_gallery(x, labels, pie_mask, dense_modal, pruned_modal, path, *,
-                          max_examples: int = 16, class_names=None) -> int:
+def plot_exemplar_gallery(x: ArrayLike, labels: ArrayLike | None, pie_mask: ArrayLike,
+                          dense_modal: ArrayLike, pruned_modal: ArrayLike, path: PathLike, *,
+                          max_examples: int = 16,
+                          class_names: Sequence[str] | None = None) -> int:
   """Saves a grid of pruning-identified exemplars, each titled with its labels.
 
   1-D signals (``x`` of shape ``(num_examples, length)``, e.g. MNIST-1D's 40-sample sequences)

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from jaxprune import _tree
+from jaxprune._typing import ArrayLike
 from jaxprune.analysis import _format
 
 
@@ -154,7 +155,8 @@ def _num_ids(arrays, given: int | None, name: str) -> int:
   return int(max(int(np.max(np.asarray(a), initial=-1)) for a in arrays)) + 1
 
 
-def per_group_metrics(logits_or_preds, labels, groups=None, *, num_groups: int | None = None,
+def per_group_metrics(logits_or_preds: ArrayLike, labels: ArrayLike,
+                      groups: ArrayLike | None = None, *, num_groups: int | None = None,
                       num_classes: int | None = None) -> GroupMetrics:
   """Accuracy, recall, precision and cross-entropy of one model, per class or per group.
 
@@ -242,7 +244,8 @@ def per_group_metrics(logits_or_preds, labels, groups=None, *, num_groups: int |
                       overall_accuracy=jnp.mean(correct), overall_loss=overall_loss)
 
 
-def disparate_impact(dense_logits, pruned_logits, labels, groups=None, *,
+def disparate_impact(dense_logits: ArrayLike, pruned_logits: ArrayLike, labels: ArrayLike,
+                     groups: ArrayLike | None = None, *,
                      num_groups: int | None = None,
                      num_classes: int | None = None) -> DisparateImpact:
   """Per-class (or per-group) change caused by pruning, as measured by Tran et al. (2022).

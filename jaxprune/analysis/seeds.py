@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import _tree
+from jaxprune._typing import ArrayLike, Masks
 from jaxprune.analysis import _format
 
 
-def mask_overlap(masks_a, masks_b) -> dict[str, float]:
+def mask_overlap(masks_a: Masks, masks_b: Masks) -> dict[str, float]:
   """Per-layer Jaccard index of the kept sets of two mask trees.
 
   For a leaf with masks ``A`` and ``B`` (True = kept): ``|A ∧ B| / |A ∨ B|``; 1.0 when both
@@ -83,7 +84,7 @@ class MaskOverlap(NamedTuple):
     return self.to_markdown()
 
 
-def pairwise_mask_overlap(mask_trees: Sequence) -> MaskOverlap:
+def pairwise_mask_overlap(mask_trees: Sequence[Masks]) -> MaskOverlap:
   """Jaccard index of the kept sets for every pair of mask trees, per layer.
 
   Args:
@@ -150,7 +151,8 @@ class SeedSpread(NamedTuple):
     return self.to_markdown()
 
 
-def seed_spread(accuracies, per_class_accuracies=None, *, ddof: int = 0) -> SeedSpread:
+def seed_spread(accuracies: ArrayLike, per_class_accuracies: ArrayLike | None = None, *,
+                ddof: int = 0) -> SeedSpread:
   """Mean, standard deviation, min and max of accuracies over seeds.
 
   Args:

@@ -16,7 +16,9 @@ import numpy as np
 from jaxprune import _tree
 from jaxprune import masks as masks_lib
 from jaxprune import scores as scores_lib
+from jaxprune._typing import Params, PathLike, Scores, Where
 from jaxprune.analysis import _format
+from jaxprune.structure import Structure
 
 
 class LayerSensitivity(NamedTuple):
@@ -63,9 +65,11 @@ def _as_metrics(out, what: str) -> dict[str, float]:
   return {str(k): float(np.asarray(v)) for k, v in out.items()}
 
 
-def layer_sensitivity(params, evaluate_fn: Callable[[Any], Mapping[str, Any]],
-                      sparsities: Sequence[float], *, scores=None, structure=None,
-                      where: _tree.Where | None = None) -> LayerSensitivity:
+def layer_sensitivity(params: Params, evaluate_fn: Callable[[Params], Mapping[str, Any]],
+                      sparsities: Sequence[float], *,
+                      scores: Scores | Callable[..., Scores] | None = None,
+                      structure: Structure | None = None,
+                      where: Where | None = None) -> LayerSensitivity:
   """Prunes each prunable leaf alone at each sparsity and evaluates the model.
 
   For every leaf ``path`` that ``where`` selects and every ``s`` in ``sparsities``, the masks
@@ -137,7 +141,8 @@ def layer_sensitivity(params, evaluate_fn: Callable[[Any], Mapping[str, Any]],
                           values=values)
 
 
-def plot_layer_sensitivity(table: LayerSensitivity, path, *, metric: str | None = None) -> str:
+def plot_layer_sensitivity(table: LayerSensitivity, path: PathLike, *,
+                           metric: str | None = None) -> str:
   """Saves a heatmap of the change of ``metric`` (rows = layers, columns = sparsities).
 
   Red marks harm: a drop for accuracy-like metrics, a rise for metrics named ``*loss*``.

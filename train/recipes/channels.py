@@ -16,14 +16,14 @@ import numpy as np
 import optax
 
 import jaxprune as jp
-from jaxprune import _tree, surgery
+from jaxprune import surgery
 from train import models
 from train.recipes.base import Phase, Recipe, register
 from train.trainer import Trainer
 
 
 def _prunable_size(params, where) -> int:
-  paths, leaves, _ = _tree.flatten(params)
+  paths, leaves, _ = jp.tree.flatten(params)
   return sum(int(np.size(x)) for path, x in zip(paths, leaves, strict=True) if where(path, x))
 
 

@@ -1,0 +1,115 @@
+"""Helpers shared by the training-time transforms (:mod:`jaxprune.transforms`,
+:mod:`jaxprune.sparse_training`): option checks, leaf selection, and the ``where(mask, u, -p)``
+that makes ``optax.apply_updates`` land pruned weights on exactly 0. Private: not part of the API.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import _tree, allocation
+
+NO_PARAMS_MSG = ("This pruning transform needs the params: call tx.update(updates, state, params) "
+                 "(optax.apply_updates lands pruned weights on 0 by emitting -params).")
+
+
+def as_schedule(value, name: str = "sparsity") -> Callable[[jax.Array], jax.Array]:
+  """A fraction or an ``optax.Schedule`` as a schedule returning float32 in [0, 1]."""
+  if callable(value):
+    return lambda count: jnp.clip(jnp.asarray(value(count), jnp.float32), 0.0, 1.0)
+  if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) != 0:
+    raise ValueError(f"{name} must be a number, a 0-d array or a schedule; got shape "
+                     f"{np.shape(value)}.")
+  if allocation.is_scalar(value):
+    value = allocation.check_fraction(value, "<all>", what=name)
+    return lambda count: jnp.clip(jnp.asarray(value, jnp.float32), 0.0, 1.0)
+  raise ValueError(f"{name} must be a number, a 0-d array or a schedule (step -> {name}); got "
+                   f"{type(value).__name__}.")
+
+
+def as_key(key) -> jax.Array:
+  """A typed PRNG key from a key (typed or raw uint32), an int seed (maybe traced) or None (0)."""
+  if key is None:
+    return jax.random.key(0)
+  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  if isinstance(key, (jax.Array, np.ndarray)) and np.shape(key) == (2,):
+    return jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
+  return jax.random.key(key)
+
+
+def is_placeholder(params) -> bool:
+  """True for a tree without leaves, e.g. the placeholder ``optax.tree.map_params`` inits with."""
+  return not jax.tree.leaves(params)
+
+
+def selection(params, where):
+  """``(paths, chosen, where_by_path)``: prunable leaves of ``params`` as chosen by ``where``.
+
+  ``where_by_path`` is a ``where`` that answers by path alone, so that score trees (whose leaf
+  dtypes may differ from the params') select exactly the same leaves.
+  """
+  paths, _, _, chosen = _tree.selected(params, where)
+  chosen_paths = frozenset(p for p, c in zip(paths, chosen, strict=True) if c)
+  return paths, chosen, (lambda path, leaf: path in chosen_paths)
+
+
+def ones_masks(params, chosen):
+  """All-True keep-masks: a bool array for chosen leaves, scalar True for the others."""
+  treedef = jax.tree.structure(params)
+  leaves = jax.tree.leaves(params)
+  out = [jnp.ones_like(x, dtype=bool) if c else jnp.ones((), bool)
+         for x, c in zip(leaves, chosen, strict=True)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def enforce(masks, updates, params, chosen, override=None):
+  """``where(mask, u, -p)`` on chosen leaves so that ``apply_updates`` lands pruned weights on 0.
+
+  ``override`` (optional, same tree as masks) marks kept weights that must also land on 0
+  (e.g. connections RigL just grew). The result has ``result_type(u, p)`` so ``-p`` is exact.
+  """
+  treedef = jax.tree.structure(updates)
+  m_leaves = treedef.flatten_up_to(masks)
+  u_leaves = jax.tree.leaves(updates)
+  p_leaves = treedef.flatten_up_to(params)
+  o_leaves = treedef.flatten_up_to(override) if override is not None else [None] * len(u_leaves)
+  out = []
+  for m, u, p, o, c in zip(m_leaves, u_leaves, p_leaves, o_leaves, chosen, strict=True):
+    if c:
+      keep = m if o is None else m & ~o
+      u = jnp.where(keep, u, -p)
+    out.append(u)
+  return jax.tree.unflatten(treedef, out)
+
+
+def mask_grads(masks, grads, chosen):
+  """Zeroes the gradients of pruned weights (so inner optimizers see only surviving weights)."""
+  treedef = jax.tree.structure(grads)
+  m_leaves = treedef.flatten_up_to(masks)
+  out = [jnp.where(m, g, jnp.zeros((), g.dtype)) if c else g
+         for m, g, c in zip(m_leaves, jax.tree.leaves(grads), chosen, strict=True)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def allocate(params, s, distribution: str, where_by_path):
+  """Per-leaf sparsities for the global sparsity ``s`` (float32 scalar, maybe traced)."""
+  if distribution == "uniform":
+    return s
+  return allocation.erk_sparsities(params, jnp.asarray(s, jnp.float32), where=where_by_path)
+
+
+def check_options(scope: str, distribution: str, update_every) -> None:
+  if scope not in ("layerwise", "global"):
+    raise ValueError(f"scope must be 'layerwise' or 'global', got {scope!r}.")
+  if distribution not in ("uniform", "erk"):
+    raise ValueError(f"distribution must be 'uniform' or 'erk', got {distribution!r}.")
+  if scope == "global" and distribution != "uniform":
+    raise ValueError("scope='global' sets one threshold over all leaves; it takes "
+                     f"distribution='uniform', got {distribution!r}.")
+  if isinstance(update_every, bool) or (
+      isinstance(update_every, (int, np.integer)) and update_every < 1):
+    raise ValueError(f"update_every must be an int >= 1, got {update_every!r}.")
