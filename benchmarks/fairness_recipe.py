@@ -1,7 +1,7 @@
 """The mitigation as a recipe option of the main runner: dense vs GMP 90% vs + plain fine-tuning
 vs + constrained fine-tuning, on MNIST-1D made unbalanced on purpose, over seeds.
 
-Where :mod:`benchmarks.fairness` prunes one shared dense model per seed (:mod:`train.fairness`),
+Where :mod:`benchmarks.fairness` prunes one shared dense model per seed in phases of its own,
 this runs ``train/configs/mitigation.py`` through :func:`train.train.train_and_evaluate`, as a
 user would with ``python -m train``: per seed three runs on the same unbalanced split (classes 0,
 1, 2 keep a tenth of their training examples; the test split is whole):
@@ -62,7 +62,7 @@ def main(argv=None) -> list[dict]:
     raise ValueError("--report-only needs --workdir")
   workdir = args.workdir or tempfile.mkdtemp(prefix="jaxprune_fairness_recipe_")
   if not args.report_only and os.path.exists(os.path.join(workdir, "runs.json")):
-    raise ValueError(f"--workdir: {workdir} holds a train.fairness workdir (runs.json); "
+    raise ValueError(f"--workdir: {workdir} holds a benchmarks.fairness workdir (runs.json); "
                      "use another directory")
   timing_path = os.path.join(workdir, "benchmark_timing.json")
   if args.report_only:

@@ -28,6 +28,7 @@ import pytest
 
 import jaxprune as jp
 from jaxprune import schedules, sparse_training, transforms
+from jaxprune.group_pruning import __all__ as GROUP_PRUNING_ALL  # (jp.group_pruning: function)
 
 LR = 1e-2
 TARGET = 0.75
@@ -65,6 +66,12 @@ SPARSE_STATIC = ("update_every", "end_step", "key")
 
 def _adam():
   return optax.adam(LR)
+
+
+@functools.cache
+def _groups():
+  """The channel groups of the test MLP (traced once): its 16 hidden units."""
+  return jp.surgery.channel_groups(_logits, _params(), X)
 
 
 CASES = [
@@ -118,13 +125,19 @@ CASES = [
                          end_step=END_STEP, key=1, drop_fraction=optax.constant_schedule(0.3),
                          static=SPARSE_STATIC),
          kind="sparse", factory="rigl"),
+    # 16 hidden units, 12 removed at 0.75: exactly 0.75 of each kernel's rows or columns.
+    Case("group",
+         lambda s: optax.chain(_adam(), jp.group_pruning(_groups(), s, update_every=EVERY)),
+         lambda: optax.chain(_adam(), _inject(jp.group_pruning, _groups(), sparsity=SCHEDULE,
+                                              update_every=EVERY)),
+         factory="group_pruning"),
 ]
 BY_NAME = {c.name: c for c in CASES}
 NAMES = [c.name for c in CASES]
 
 
 def test_every_public_transform_is_covered():
-  public = {n for n in transforms.__all__ + sparse_training.__all__
+  public = {n for n in transforms.__all__ + sparse_training.__all__ + GROUP_PRUNING_ALL
             if n.endswith("pruning") or n in ("rigl", "set_training")}
   assert public == {c.factory for c in CASES}
 
@@ -146,10 +159,13 @@ X = jax.random.normal(jax.random.key(7), (32, 8))
 Y = jnp.arange(32) % 4
 
 
-def _loss(params, x, y):
+def _logits(params, x):
   h = jax.nn.relu(x @ params["dense1"]["kernel"] + params["dense1"]["bias"][None])
-  logits = h @ params["dense2"]["kernel"] + params["dense2"]["bias"][None]
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return h @ params["dense2"]["kernel"] + params["dense2"]["bias"][None]
+
+
+def _loss(params, x, y):
+  return optax.softmax_cross_entropy_with_integer_labels(_logits(params, x), y).mean()
 
 
 TRACES: collections.Counter = collections.Counter()  # (name, variant) -> times traced

@@ -1,4 +1,5 @@
-"""train.fairness (unbalanced data, constrained fine-tuning) and train.analyze (the report)."""
+"""train.fairness (constrained fine-tuning), the experiment of benchmarks.fairness (unbalanced
+data) and train.analyze (the report)."""
 import functools
 import json
 import os
@@ -11,6 +12,7 @@ import pytest
 from flax import nnx
 
 import jaxprune as jp
+from benchmarks import fairness as experiment
 from train import analyze, fairness, models
 
 matplotlib.use("Agg")
@@ -179,13 +181,13 @@ def test_tiny_experiment_writes_a_workdir_that_analyze_reports(tmp_path):
   def split(n):
     y = rng.integers(0, 3, n).astype(np.int32)
     return (rng.normal(size=(n, 12)) + 2 * y[:, None]).astype(np.float32), y
-  data = fairness.Arrays(*split(240), *split(60), num_classes=3)
-  config = fairness.ExperimentConfig(
+  data = experiment.Arrays(*split(240), *split(60), num_classes=3)
+  config = experiment.ExperimentConfig(
       model="mlp", model_kwargs=(("hidden", (16,)),), minority_classes=(0,), keep_fraction=0.2,
       seeds=(0, 1), sparsities=(0.8,), batch_size=32, dense_steps=20, prune_steps=10,
       finetune_steps=6, prune_update_every=2, keep_dense=())
   work = str(tmp_path / "work")
-  records = fairness.run_experiment(work, config, data=data, log=lambda s: None)
+  records = experiment.run_experiment(work, config, data=data, log=lambda s: None)
   assert [(r["method"], r["seed"]) for r in records] == [
       (m, seed) for seed in (0, 1) for m in ("dense", "pruned", "pruned+mitigation")]
   cfg = json.loads(_read(os.path.join(work, "config.json")))

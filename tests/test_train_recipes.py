@@ -5,7 +5,7 @@ examples; nothing generated, no network).
 
 Cost: ~95 s of CPU for the 40 combinations. Compiling jaxprune's pruning transforms dominates
 (~0.5 s per pruned leaf per transform), so the models are tiny and the forward/backward program
-of each model is compiled once and shared by its 8 recipes (see ``train.train._gradients``).
+of each model is compiled once and shared by its 8 recipes (see ``train.trainer._gradients``).
 """
 
 import importlib

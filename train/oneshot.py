@@ -1,8 +1,9 @@
 """One-shot pruning without fine-tuning: accuracy vs sparsity for four ways of choosing masks.
 
-Trains a dense model on MNIST-1D with plain optax, then prunes a copy at each sparsity with
-layerwise magnitude masks, one global threshold, ERK per-layer sparsities, and 2:4, and
-evaluates each on the test split. No fine-tuning: the table shows what the masks alone cost.
+Trains a dense model on MNIST-1D (Adam, in the training loop of every recipe), then prunes a
+copy at each sparsity with layerwise magnitude masks, one global threshold, ERK per-layer
+sparsities, and 2:4, and evaluates each on the test split. No fine-tuning: the table shows
+what the masks alone cost.
 
 Usage::
 
@@ -20,32 +21,22 @@ from flax import nnx
 
 import jaxprune as jp
 from train import input_pipeline, models
+from train.trainer import Trainer, make_mesh
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
 
 
 def train_dense(model_name: str, steps: int, seed: int, *, batch_size: int = 128,
                 learning_rate: float = 1e-2):
-  """Trains a dense model with plain optax; returns ``(graphdef, params, rest, data)``."""
+  """Trains a dense model with Adam (cosine decay) in :meth:`train.trainer.Trainer.run`, the
+  loop of every recipe; returns ``(graphdef, params, rest, data)``."""
   data = input_pipeline.get_datasets("mnist1d", batch_size=batch_size, seed=seed)
   model = models.create_model(model_name, input_shape=data.info.input_shape,
                               num_classes=data.info.num_classes, rngs=nnx.Rngs(seed))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, rest, opt_state, x, y):
-    def loss_fn(params):
-      logits, new_rest = _apply(graphdef, params, rest, x, train=True)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_rest
-    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), rest, opt_state, loss
-
-  for t in range(steps):
-    batch = data.train.batch(t)
-    params, rest, opt_state, _ = step(params, rest, opt_state, batch["x"], batch["label"])
+  lr = optax.cosine_decay_schedule(learning_rate, steps)
+  trainer = Trainer(model, optax.adam(lr), mesh=make_mesh(), lr=lr)
+  trainer.run(data.train.batch, 0, steps)
+  graphdef, params, rest = nnx.split(trainer.model(), nnx.Param, ...)
   return graphdef, params, rest, data
 
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from train.runs import METRICS, read_metrics
+
 __all__ = ["LayerRow", "MetricsWriter", "layer_rows", "plot_curves", "plot_layer_sparsity",
            "read_metrics", "write_report"]
 
@@ -62,7 +64,7 @@ class MetricsWriter:
 
   def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0,
                tensorboard: bool = True, enabled: bool = True):
-    self.path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+    self.path = os.path.join(os.fspath(workdir), METRICS)
     self._file = self._tb = None
     if not enabled:
       return
@@ -111,22 +113,6 @@ class MetricsWriter:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """The lines of ``workdir/metrics.jsonl`` as dicts ([] if there is no file).
-
-  Examples:
-    >>> import tempfile
-    >>> from train import reporting
-    >>> reporting.read_metrics(tempfile.mkdtemp())
-    []
-  """
-  path = os.path.join(os.fspath(workdir), "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 class LayerRow(dict):
