@@ -32,16 +32,15 @@ import optax
 from jax import lax
 
 from jaxprune import _tree, surgery
-from jaxprune.transforms import (
-    _NEVER,
+from jaxprune._transform_utils import (
     NO_PARAMS_MSG,
-    PruningState,
     as_schedule,
     check_options,
     enforce,
     is_placeholder,
     ones_masks,
 )
+from jaxprune.transforms import _NEVER, PruningState
 
 __all__ = ["group_pruning"]
 
