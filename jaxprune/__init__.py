@@ -5,7 +5,7 @@ sparse while it trains, surgery that makes structured-pruned models physically s
 analysis of what pruning costs. See README.md and docs/design.md.
 """
 # Layers 7-8 import the core above, so they come last.
-from jaxprune import analysis, surgery, tree  # noqa: E402
+from jaxprune import analysis, stacking, surgery, tree  # noqa: E402
 from jaxprune.allocation import erk_sparsities
 from jaxprune.analysis import (  # noqa: E402
                              accuracy_vs_sparsity,
@@ -68,7 +68,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # paths and `where` helpers
-    "tree",
+    "tree", "stacking",
     # scores
     "magnitude_scores", "random_scores", "saliency_scores", "movement_scores",
     "activation_scores",
