@@ -312,6 +312,7 @@ def main(argv=None):
   p.add_argument("--width", type=float, default=None,
                  help="GPT-2 width for the run-time part (1.0: GPT-2 small)")
   p.add_argument("--skip-compile", action="store_true")
+  p.add_argument("--skip-run", action="store_true")
   args = p.parse_args(argv)
   if args.child_compile:
     child_compile(args.child_compile)
@@ -328,7 +329,8 @@ def main(argv=None):
   rows, slopes = [], {}
   if not args.skip_compile:
     rows, slopes = part_compile(trees, compile_width, leaves, variants, sweep_variants)
-  rows += part_run(width, layers, repeats)
+  if not args.skip_run:
+    rows += part_run(width, layers, repeats)
   fmt_s = lambda x: f"{x:.2f} s"
   tables = []
   comp = [r for r in rows if r["part"] == "compile"]
@@ -345,17 +347,8 @@ def main(argv=None):
                                                ("cpu_s", "compile CPU", fmt_s)])
                   + "\n\nSlope (CPU s per leaf): " + ", ".join(
                       f"{k} {v:.3f}" for k, v in slopes.items()))
-  tables.append("Masks (GPT-2 tree, width "
-                f"{width}):\n\n" + common.markdown_table(
-                    [r for r in rows if r["part"] == "masks"],
-                    [("variant", "method", str), ("median_s", "median", common.fmt_seconds),
-                     ("vs_floor", "vs floor", common.fmt_ratio),
-                     ("speedup_vs_argsort", "argsort / this", common.fmt_ratio)]))
-  tables.append("Training steps (adam on given gradients, GPT-2 tree):\n\n"
-                + common.markdown_table([r for r in rows if r["part"] == "step"],
-                                        [("variant", "step", str),
-                                         ("median_s", "median", common.fmt_seconds),
-                                         ("vs_plain", "vs plain", common.fmt_ratio)]))
+  if any(r["part"] == "masks" for r in rows):
+    tables += _run_tables(rows, width)
   config = {"quick": quick, "repeats": repeats, "leaves": leaves, "trees": trees,
             "compile_width": compile_width, "run_width": width, "run_layers": layers,
             "sparsity": SPARSITY}
@@ -367,6 +360,20 @@ def main(argv=None):
                        extra={"sweep_slopes_cpu_s_per_leaf": slopes})
   print("\n\n".join(tables))
   return rows
+
+
+def _run_tables(rows, width):
+  masks = common.markdown_table(
+      [r for r in rows if r["part"] == "masks"],
+      [("variant", "method", str), ("median_s", "median", common.fmt_seconds),
+       ("vs_floor", "vs floor", common.fmt_ratio),
+       ("speedup_vs_argsort", "argsort / this", common.fmt_ratio)])
+  steps = common.markdown_table(
+      [r for r in rows if r["part"] == "step"],
+      [("variant", "step", str), ("median_s", "median", common.fmt_seconds),
+       ("vs_plain", "vs plain", common.fmt_ratio)])
+  return [f"Masks (GPT-2 tree, width {width}):\n\n{masks}",
+          f"Training steps (adam on given gradients, GPT-2 tree):\n\n{steps}"]
 
 
 def argparse_hidden():
