@@ -5,7 +5,7 @@ sparse while it trains, surgery that makes structured-pruned models physically s
 analysis of what pruning costs. See README.md and docs/design.md.
 """
 # Layers 7-8 import the core above, so they come last.
-from jaxprune import analysis, surgery, tree  # noqa: E402
+from jaxprune import analysis, stacking, surgery, tree  # noqa: E402
 from jaxprune.allocation import erk_sparsities
 from jaxprune.analysis import (  # noqa: E402
                              accuracy_vs_sparsity,
@@ -19,6 +19,7 @@ from jaxprune.analysis import (  # noqa: E402
                              pruning_identified_exemplars,
                              seed_spread,
 )
+from jaxprune.fixed_masks import keep_masks  # noqa: E402
 from jaxprune.group_pruning import group_pruning  # noqa: E402
 from jaxprune.masks import apply_masks, lowest_k, prune, sparsity, summary, topk_mask
 from jaxprune.rewinding import rewind, ticket_masks
@@ -67,7 +68,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # paths and `where` helpers
-    "tree",
+    "tree", "stacking",
     # scores
     "magnitude_scores", "random_scores", "saliency_scores", "movement_scores",
     "activation_scores",
@@ -83,7 +84,7 @@ __all__ = [
     "pruning", "magnitude_pruning", "random_pruning", "saliency_pruning", "movement_pruning",
     "apply_masks_straight_through", "masks_from_state", "replace_masks", "PruningState",
     "rigl", "set_training", "SparseTrainingState", "cosine_drop_fraction", "reset_inner_state",
-    "rewind", "ticket_masks", "group_pruning",
+    "rewind", "ticket_masks", "group_pruning", "keep_masks",
     # surgery
     "surgery", "channel_groups", "group_scores", "group_masks", "shrink", "shrink_module",
     "module_fn",

@@ -95,11 +95,12 @@ def mask_grads(masks, grads, chosen):
   return jax.tree.unflatten(treedef, out)
 
 
-def allocate(params, s, distribution: str, where_by_path):
+def allocate(params, s, distribution: str, where_by_path, stacked=None):
   """Per-leaf sparsities for the global sparsity ``s`` (float32 scalar, maybe traced)."""
   if distribution == "uniform":
     return s
-  return allocation.erk_sparsities(params, jnp.asarray(s, jnp.float32), where=where_by_path)
+  return allocation.erk_sparsities(params, jnp.asarray(s, jnp.float32), where=where_by_path,
+                                   stacked=stacked)
 
 
 def check_options(scope: str, distribution: str, update_every) -> None:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import _tree
+from jaxprune import _tree, stacking
 from jaxprune._typing import Params, PyTree, Sparsity, Where
 
 
@@ -86,7 +86,7 @@ def per_leaf_sparsities(sparsity: Sparsity, paths: list[str], leaves: list,
 
 
 def erk_sparsities(params: Params, sparsity: float | jax.Array, *, where: Where | None = None,
-                   power_scale: float = 1.0) -> PyTree:
+                   power_scale: float = 1.0, stacked=None) -> PyTree:
   """Erdős–Rényi-Kernel per-leaf sparsities whose parameter-weighted mean is ``sparsity``.
 
   Each prunable leaf's density is proportional to ``(sum of its dims) / (product of its dims)``
@@ -99,6 +99,8 @@ def erk_sparsities(params: Params, sparsity: float | jax.Array, *, where: Where 
       (e.g. a schedule's value under ``jit``) works too.
     where: ``(path, leaf) -> bool`` choosing prunable leaves.
     power_scale: exponent on the ERK ratio (1.0 is ERK; 0.0 is uniform).
+    stacked: the layer axis of stacked leaves (as in :func:`jaxprune.topk_mask`): each slice is
+      a layer of the slice's shape, so a stacked leaf gets the sparsity of its layers unrolled.
 
   Returns:
     A tree like ``params`` of Python floats (0.0 on leaves that are not pruned); of float32
@@ -117,11 +119,16 @@ def erk_sparsities(params: Params, sparsity: float | jax.Array, *, where: Where 
     Mocanu et al., Nature Communications 2018 (Erdős–Rényi).
   """
   check_fraction(sparsity, "<all>")
-  paths, leaves, treedef, chosen = _tree.selected(params, where)
+  paths, leaves, treedef, chosen = _tree.selected(params, stacking.where_for(where, stacked))
   shapes = [tuple(x.shape) for x in leaves]
   idx = [i for i, c in enumerate(chosen) if c]
   sizes = {i: math.prod(shapes[i]) for i in idx}
-  raw = {i: (sum(shapes[i]) / sizes[i]) ** power_scale for i in idx}
+  if stacked is None:
+    raw = {i: (sum(shapes[i]) / sizes[i]) ** power_scale for i in idx}
+  else:
+    axes = stacking.resolve(stacked, paths, leaves, chosen)
+    layer = {i: stacking.slice_shape(shapes[i], axes[i]) for i in idx}
+    raw = {i: (sum(layer[i]) / math.prod(layer[i])) ** power_scale for i in idx}
   if isinstance(sparsity, jax.Array):
     return _erk_traced(sparsity, idx, sizes, raw, len(leaves), treedef)
   total = sum(sizes.values())

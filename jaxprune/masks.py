@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import _select, _tree, allocation
+from jaxprune import _select, _tree, allocation, stacking
 from jaxprune import structure as structure_lib
 from jaxprune._typing import Masks, Params, PyTree, Scores, Sparsity, Where
 from jaxprune.scores import magnitude_scores
@@ -90,24 +90,70 @@ def _keep_leaf(path, scores, s, st):
   return _select.shaped_like(st.expand(~_select.lowest([units], k)[0], scores.shape), scores)
 
 
-def _global_keep(paths, leaves, chosen, s, st):
+def _keep_stacked(path, scores, s, st, ax):
+  """Keep-mask of a leaf holding its layers on axis ``ax``: each slice is its own layer.
+
+  Every slice loses exactly ``round(s·n)`` of its units; structure axes count in the slice's
+  dimensions. Unstructured, N:M and ``per_output`` select on the stacked leaf itself (per-group
+  selection over the other axes); channels and blocks score their units slice by slice.
+  """
+  sl = stacking.slice_shape(scores.shape, ax)
+  if isinstance(st, structure_lib.NOfM):
+    return _n_of_m_leaf(path, scores, s, structure_lib.NOfM(
+        st.n, st.m, stacking.full_axis(st.axis, ax, len(sl))))
+  if isinstance(st, structure_lib.PerOutput):
+    out_ax = stacking.full_axis(st.axis, ax, len(sl))
+    group_axes = tuple(i for i in range(scores.ndim) if i not in (ax, out_ax))
+    k = allocation.num_to_prune(s, st.num_units(sl))
+    return ~_select.lowest([scores], k, group_axes)[0]
+  n = st.num_units(sl)
+  k = allocation.num_to_prune(s, n)
+  if isinstance(k, int) and k == 0:
+    return jnp.ones_like(scores, dtype=bool)
+  if isinstance(k, int) and k == n:
+    return jnp.zeros_like(scores, dtype=bool)
+  if isinstance(st, structure_lib.Unstructured):
+    group_axes = tuple(i for i in range(scores.ndim) if i != ax)
+    return ~_select.lowest([scores], k, group_axes)[0]
+  units = _stacked_units(scores, st, ax)
+  pruned = _select.lowest([units], k, tuple(range(1, units.ndim)))[0]
+  return _select.shaped_like(_stacked_expand(~pruned, st, sl, ax), scores)
+
+
+def _stacked_units(scores, st, ax):
+  """The unit scores of every slice, stacked on a leading axis: ``(L, *units of a slice)``."""
+  return jax.vmap(st.unit_scores, in_axes=ax, out_axes=0)(scores)
+
+
+def _stacked_expand(keep_units, st, sl, ax):
+  return jax.vmap(lambda m: st.expand(m, sl), in_axes=0, out_axes=ax)(keep_units)
+
+
+def _global_keep(paths, leaves, chosen, s, st, axes=None):
   if isinstance(st, (structure_lib.NOfM, structure_lib.PerOutput)):
     raise ValueError(f"scope='global' does not apply to {type(st).__name__}: its count is fixed "
                      "per group; use scope='layerwise'.")
   idx = [i for i, c in enumerate(chosen) if c]
-  units = [st.unit_scores(leaves[i]) for i in idx]
+  axes = [None] * len(leaves) if axes is None else axes
+  # Stacked leaves: units never span two layers (unstructured units are the weights anyway).
+  by_slice = [axes[i] is not None and not isinstance(st, structure_lib.Unstructured)
+              for i in idx]
+  units = [_stacked_units(leaves[i], st, axes[i]) if b else st.unit_scores(leaves[i])
+           for i, b in zip(idx, by_slice)]
   total = sum(u.size for u in units)
   if total > _MAX_UNITS:
     raise ValueError(f"scope='global' counts with int32; {total} prunable units exceed 2**31-1.")
   k = allocation.num_to_prune(s, total)
   pruned = _select.lowest(units, k)
-  return {i: _select.shaped_like(st.expand(~p, leaves[i].shape), leaves[i])
-          for i, p in zip(idx, pruned)}
+  return {i: _select.shaped_like(
+      _stacked_expand(~p, st, stacking.slice_shape(leaves[i].shape, axes[i]), axes[i]) if b
+      else st.expand(~p, leaves[i].shape), leaves[i])
+          for i, p, b in zip(idx, pruned, by_slice)}
 
 
 def topk_mask(scores: Scores, sparsity: Sparsity, *,
               structure: structure_lib.Structure | None = None, scope: str = "layerwise",
-              where: Where | None = None) -> Masks:
+              where: Where | None = None, stacked: stacking.Stacked = None) -> Masks:
   """Keep-masks that remove the lowest-scoring fraction ``sparsity`` of each prunable leaf.
 
   Exactly ``round(s · n)`` units of each prunable leaf are removed (``scope="layerwise"``), or
@@ -127,6 +173,11 @@ def topk_mask(scores: Scores, sparsity: Sparsity, *,
       :func:`channels` or :func:`per_output`.
     scope: ``"layerwise"`` or ``"global"``.
     where: ``(path, leaf) -> bool`` choosing prunable leaves (default: floating, ``ndim >= 2``).
+    stacked: the layer axis of leaves that stack several layers (``nnx.scan``): an int, a dict
+      ``{path_regex: axis}`` or a callable ``(path, leaf) -> axis or None`` (see
+      :mod:`jaxprune.stacking`). Each slice along it is its own layer: layerwise, each slice
+      loses exactly ``round(s·n_slice)`` units, and structure axes count in a slice's
+      dimensions. A leaf's sparsity applies to each of its slices.
 
   Returns:
     A tree like ``scores``: a bool keep-mask of the leaf's shape for every prunable leaf and a
@@ -145,19 +196,22 @@ def topk_mask(scores: Scores, sparsity: Sparsity, *,
            [ True, False]], dtype=bool), Array(True, dtype=bool))
   """
   st = structure_lib.unstructured() if structure is None else structure
+  where = stacking.where_for(where, stacked)
   paths, leaves, treedef, chosen = _tree.selected(scores, where, what="scores")
-  for p, x, c in zip(paths, leaves, chosen):
+  axes = stacking.resolve(stacked, paths, leaves, chosen)
+  for p, x, c, a in zip(paths, leaves, chosen, axes):
     if c:
-      st.validate(p, tuple(x.shape))
+      st.validate(p, stacking.slice_shape(x.shape, a))
   if scope == "global":
     if not allocation.is_scalar(sparsity):
       raise ValueError("scope='global' needs one sparsity (a number or 0-d array), got "
                        f"{type(sparsity).__name__}.")
     s = allocation.check_fraction(sparsity, "<global>")
-    keep = _global_keep(paths, leaves, chosen, s, st)
+    keep = _global_keep(paths, leaves, chosen, s, st, axes)
   elif scope == "layerwise":
     per_leaf = allocation.per_leaf_sparsities(sparsity, paths, leaves, treedef, chosen)
-    keep = {i: _keep_leaf(paths[i], leaves[i], per_leaf[i], st)
+    keep = {i: _keep_leaf(paths[i], leaves[i], per_leaf[i], st) if axes[i] is None
+            else _keep_stacked(paths[i], leaves[i], per_leaf[i], st, axes[i])
             for i, c in enumerate(chosen) if c}
   else:
     raise ValueError(f"scope must be 'layerwise' or 'global', got {scope!r}.")
@@ -260,10 +314,12 @@ class Summary:
 
 
 def summary(params: Params, masks: Masks | None = None, *,
-            where: Where | None = None) -> Summary:
+            where: Where | None = None, stacked: stacking.Stacked = None) -> Summary:
   """Per prunable leaf: path, shape, kept, total and sparsity (host-side, not jit-able).
 
-  With ``masks``, kept counts the mask's ``True`` entries; without, the nonzero params.
+  With ``masks``, kept counts the mask's ``True`` entries; without, the nonzero params. With
+  ``stacked`` (as in :func:`topk_mask`), a stacked leaf has one row per layer, its path
+  suffixed with ``[l]`` and its shape the slice's.
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune as jp
@@ -274,26 +330,27 @@ def summary(params: Params, masks: Masks | None = None, *,
     ------------------------------------
     total             3      4    0.2500
   """
-  paths, leaves, _, chosen = _tree.selected(params, where)
+  paths, leaves, _, chosen = _tree.selected(params, stacking.where_for(where, stacked))
   mleaves = _check_masks(params, masks)[2] if masks is not None else [None] * len(leaves)
+  axes = stacking.resolve(stacked, paths, leaves, chosen)
   rows = []
-  for p, x, m, c in zip(paths, leaves, mleaves, chosen):
+  for p, x, m, c, a in zip(paths, leaves, mleaves, chosen, axes):
     if not c:
       continue
-    total = int(np.prod(np.shape(x)))
-    if m is None:
-      kept = int(np.count_nonzero(np.asarray(x)))
-    else:
-      kept = int(np.count_nonzero(np.broadcast_to(np.asarray(m), np.shape(x))))
-    rows.append({"path": p, "shape": tuple(np.shape(x)), "kept": kept, "total": total,
-                 "sparsity": 1.0 - kept / total if total else 0.0})
+    live = np.asarray(x) != 0 if m is None else np.broadcast_to(np.asarray(m), np.shape(x))
+    layers = [(p, live)] if a is None else [
+        (f"{p}[{i}]", np.take(live, i, axis=a)) for i in range(np.shape(x)[a])]
+    for name, part in layers:
+      total, kept = int(part.size), int(np.count_nonzero(part))
+      rows.append({"path": name, "shape": tuple(part.shape), "kept": kept, "total": total,
+                   "sparsity": 1.0 - kept / total if total else 0.0})
   return Summary(rows)
 
 
 def prune(params: Params, sparsity: Sparsity, *,
           scores: Scores | Callable[..., Scores] = magnitude_scores,
           structure: structure_lib.Structure | None = None, scope: str = "layerwise",
-          where: Where | None = None) -> tuple[Params, Masks]:
+          where: Where | None = None, stacked: stacking.Stacked = None) -> tuple[Params, Masks]:
   """One-shot pruning: ``masks = topk_mask(scores(params), sparsity, ...)``, then apply them.
 
   Args:
@@ -301,7 +358,7 @@ def prune(params: Params, sparsity: Sparsity, *,
     sparsity: as in :func:`topk_mask`.
     scores: a tree of scores, or a callable ``(params, *, where) -> scores``
       (default :func:`magnitude_scores`).
-    structure, scope, where: as in :func:`topk_mask`.
+    structure, scope, where, stacked: as in :func:`topk_mask`.
 
   Returns:
     ``(pruned_params, masks)``.
@@ -313,6 +370,7 @@ def prune(params: Params, sparsity: Sparsity, *,
     Array([[0., 0., 0., 0.],
            [0., 0., 7., 8.]], dtype=float32)
   """
+  where = stacking.where_for(where, stacked)
   s = scores(params, where=where) if callable(scores) else scores
-  masks = topk_mask(s, sparsity, structure=structure, scope=scope, where=where)
+  masks = topk_mask(s, sparsity, structure=structure, scope=scope, where=where, stacked=stacked)
   return apply_masks(params, masks), masks

@@ -42,7 +42,7 @@ import optax
 from jax import lax
 
 from jaxprune import _transform_utils as _util
-from jaxprune import _tree
+from jaxprune import _tree, stacking
 from jaxprune._typing import KeyLike, Masks, Params, Where
 from jaxprune.masks import topk_mask
 from jaxprune.scores import magnitude_scores, movement_scores, random_scores, saliency_scores
@@ -99,7 +99,8 @@ def _score_with(accumulated, params, chosen):
 
 
 @functools.lru_cache(maxsize=128)
-def _masks_fn(score_fn, structure, scope, distribution, where, accumulate, straight_through):
+def _masks_fn(score_fn, structure, scope, distribution, where, accumulate, straight_through,
+              stacked=None):
   """The jitted mask update of :func:`pruning` for one static configuration.
 
   Cached, so that eager (un-jitted) training steps reuse one compilation, also when
@@ -120,8 +121,9 @@ def _masks_fn(score_fn, structure, scope, distribution, where, accumulate, strai
       scores = _score_with(acc, params, chosen) if accumulate else step_scores()
       if not straight_through:
         scores = _nan_pruned(scores, masks, chosen)
-      alloc = _util.allocate(params, s, distribution, where_p)
-      new = topk_mask(scores, alloc, structure=structure, scope=scope, where=where_p)
+      alloc = _util.allocate(params, s, distribution, where_p, stacked)
+      new = topk_mask(scores, alloc, structure=structure, scope=scope, where=where_p,
+                      stacked=stacked)
       return new if straight_through else _and(new, masks)
 
     return lax.cond((count % every == 0) & (count < end), recompute, lambda m: m, masks), acc
@@ -135,7 +137,8 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
             scope: str = "layerwise", distribution: str = "uniform",
             where: Where | None = None, accumulate: bool = False,
             straight_through: bool = False,
-            key: KeyLike = None) -> optax.GradientTransformationExtraArgs:
+            key: KeyLike = None,
+            stacked: stacking.Stacked = None) -> optax.GradientTransformationExtraArgs:
   """Prunes by any score while training; the named pruning transforms are thin wrappers of it.
 
   Every ``update_every`` steps (step 0 included) the masks are recomputed from
@@ -172,6 +175,8 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
       training loop applies them in the forward pass with
       :func:`apply_masks_straight_through`. Static.
     key: a PRNG key or int seed for random scores (None: seed 0).
+    stacked: the layer axis of leaves that stack several layers (``nnx.scan``), as in
+      :func:`jaxprune.topk_mask`: each slice is allocated and counted as its own layer. Static.
 
   With ``optax.inject_hyperparams``, list ``score_fn`` and the integer arguments you pass
   (``update_every``, an int ``key``) in ``static_args``: inject_hyperparams would otherwise store
@@ -196,6 +201,7 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
   sched = _util.as_schedule(sparsity)
   _util.check_options(scope, distribution, update_every)
   base_key = _util.as_key(key)
+  where = stacking.where_for(where, stacked)  # stacked: the default rule judges each layer
 
   def init_fn(params):
     inner_state = inner_tx.init(params) if inner_tx is not None else optax.EmptyState()
@@ -214,7 +220,7 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
     return PruningState(jnp.zeros([], jnp.int32), masks, scores, inner_state)
 
   new_masks = _masks_fn(score_fn, structure, scope, distribution, where, accumulate,
-                       straight_through)
+                       straight_through, stacking.freeze(stacked))
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -264,7 +270,8 @@ def magnitude_pruning(sparsity: optax.ScalarOrSchedule, *, update_every: int = 1
                       end_step: int | None = None, structure: Structure | None = None,
                       scope: str = "layerwise", distribution: str = "uniform",
                       where: Where | None = None,
-                      straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
+                      straight_through: bool = False,
+                      stacked: stacking.Stacked = None) -> optax.GradientTransformationExtraArgs:
   """Magnitude pruning while training (gradual when ``sparsity`` is a schedule).
 
   A chain link that goes **last** in ``optax.chain`` (after learning-rate scaling): every
@@ -281,6 +288,7 @@ def magnitude_pruning(sparsity: optax.ScalarOrSchedule, *, update_every: int = 1
     distribution: ``"uniform"`` or ``"erk"`` (layerwise only).
     where: ``(path, leaf) -> bool`` choosing prunable leaves (default: float, ``ndim >= 2``).
     straight_through: keep params dense and mask in the forward pass (see :func:`pruning`).
+    stacked: the layer axis of stacked leaves (``nnx.scan``), as in :func:`jaxprune.topk_mask`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a :class:`PruningState`.
@@ -303,7 +311,7 @@ def magnitude_pruning(sparsity: optax.ScalarOrSchedule, *, update_every: int = 1
   """
   return pruning(_magnitude, sparsity, update_every=update_every, end_step=end_step,
                  structure=structure, scope=scope, distribution=distribution, where=where,
-                 straight_through=straight_through)
+                 straight_through=straight_through, stacked=stacked)
 
 
 def random_pruning(sparsity: optax.ScalarOrSchedule, *, key: KeyLike = None,
@@ -311,7 +319,8 @@ def random_pruning(sparsity: optax.ScalarOrSchedule, *, key: KeyLike = None,
                    structure: Structure | None = None,
                    scope: str = "layerwise", distribution: str = "uniform",
                    where: Where | None = None,
-                   straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
+                   straight_through: bool = False,
+                   stacked: stacking.Stacked = None) -> optax.GradientTransformationExtraArgs:
   """Random pruning while training: a baseline that removes random weights (a chain link, last).
 
   At each update step the scores are uniform noise from ``fold_in(key, count)``; weights pruned
@@ -320,8 +329,8 @@ def random_pruning(sparsity: optax.ScalarOrSchedule, *, key: KeyLike = None,
   Args:
     sparsity: a number in [0, 1], a 0-d array or a schedule.
     key: a PRNG key or an int seed (None: seed 0).
-    update_every, end_step, structure, scope, distribution, where, straight_through: as in
-      :func:`magnitude_pruning`.
+    update_every, end_step, structure, scope, distribution, where, straight_through,
+      stacked: as in :func:`magnitude_pruning`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a :class:`PruningState`.
@@ -339,7 +348,7 @@ def random_pruning(sparsity: optax.ScalarOrSchedule, *, key: KeyLike = None,
   """
   return pruning(_random, sparsity, key=key, update_every=update_every, end_step=end_step,
                  structure=structure, scope=scope, distribution=distribution, where=where,
-                 straight_through=straight_through)
+                 straight_through=straight_through, stacked=stacked)
 
 
 def saliency_pruning(inner_tx: optax.GradientTransformation,
@@ -347,7 +356,8 @@ def saliency_pruning(inner_tx: optax.GradientTransformation,
                      end_step: int | None = None, structure: Structure | None = None,
                      scope: str = "layerwise", distribution: str = "uniform",
                      where: Where | None = None,
-                     straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
+                     straight_through: bool = False,
+                     stacked: stacking.Stacked = None) -> optax.GradientTransformationExtraArgs:
   """Saliency (first-order Taylor, ``|w·g|``) pruning while training, wrapping ``inner_tx``.
 
   The criterion needs the raw gradient, so this transform is the whole optimizer: it scores
@@ -357,8 +367,8 @@ def saliency_pruning(inner_tx: optax.GradientTransformation,
   Args:
     inner_tx: the optimizer (any optax transformation, learning rate included).
     sparsity: a number in [0, 1], a 0-d array or a schedule.
-    update_every, end_step, structure, scope, distribution, where, straight_through: as in
-      :func:`magnitude_pruning`.
+    update_every, end_step, structure, scope, distribution, where, straight_through,
+      stacked: as in :func:`magnitude_pruning`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a :class:`PruningState`.
@@ -379,7 +389,8 @@ def saliency_pruning(inner_tx: optax.GradientTransformation,
   """
   return pruning(_saliency, sparsity, inner_tx=inner_tx, update_every=update_every,
                  end_step=end_step, structure=structure, scope=scope,
-                 distribution=distribution, where=where, straight_through=straight_through)
+                 distribution=distribution, where=where, straight_through=straight_through,
+                 stacked=stacked)
 
 
 def movement_pruning(inner_tx: optax.GradientTransformation,
@@ -387,7 +398,8 @@ def movement_pruning(inner_tx: optax.GradientTransformation,
                      end_step: int | None = None, structure: Structure | None = None,
                      scope: str = "layerwise", distribution: str = "uniform",
                      where: Where | None = None,
-                     straight_through: bool = False) -> optax.GradientTransformationExtraArgs:
+                     straight_through: bool = False,
+                     stacked: stacking.Stacked = None) -> optax.GradientTransformationExtraArgs:
   """Movement pruning, wrapping ``inner_tx``: keeps the weights moving away from zero.
 
   The score ``S = −Σ_t w_t·g_t`` is accumulated over every step in ``state.scores`` (float32) and
@@ -397,8 +409,8 @@ def movement_pruning(inner_tx: optax.GradientTransformation,
   Args:
     inner_tx: the optimizer (any optax transformation, learning rate included).
     sparsity: a number in [0, 1], a 0-d array or a schedule.
-    update_every, end_step, structure, scope, distribution, where, straight_through: as in
-      :func:`magnitude_pruning`.
+    update_every, end_step, structure, scope, distribution, where, straight_through,
+      stacked: as in :func:`magnitude_pruning`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a :class:`PruningState`.
@@ -419,7 +431,7 @@ def movement_pruning(inner_tx: optax.GradientTransformation,
   return pruning(_movement, sparsity, inner_tx=inner_tx, update_every=update_every,
                  end_step=end_step, structure=structure, scope=scope,
                  distribution=distribution, where=where, accumulate=True,
-                 straight_through=straight_through)
+                 straight_through=straight_through, stacked=stacked)
 
 
 # ----------------------------------------------------------------------------- straight-through

@@ -27,7 +27,7 @@ import optax
 import pytest
 
 import jaxprune as jp
-from jaxprune import schedules, sparse_training, transforms
+from jaxprune import fixed_masks, schedules, sparse_training, transforms
 from jaxprune.group_pruning import __all__ as GROUP_PRUNING_ALL  # (jp.group_pruning: function)
 
 LR = 1e-2
@@ -66,6 +66,11 @@ SPARSE_STATIC = ("update_every", "end_step", "key")
 
 def _adam():
   return optax.adam(LR)
+
+
+def _ticket(params):
+  """The masks keep_masks holds: TARGET of each kernel pruned by magnitude."""
+  return jp.topk_mask(jp.magnitude_scores(params), TARGET)
 
 
 @functools.cache
@@ -131,14 +136,20 @@ CASES = [
          lambda: optax.chain(_adam(), _inject(jp.group_pruning, _groups(), sparsity=SCHEDULE,
                                               update_every=EVERY)),
          factory="group_pruning"),
+    # Fixed masks (a lottery ticket at TARGET, made once by init): exact from the first step on.
+    Case("keep_masks",
+         lambda s: optax.chain(_adam(), jp.keep_masks(_ticket)),
+         lambda: optax.chain(_adam(), _inject(jp.keep_masks, masks=_ticket, static=("masks",))),
+         kind="fixed", factory="keep_masks"),
 ]
 BY_NAME = {c.name: c for c in CASES}
 NAMES = [c.name for c in CASES]
 
 
 def test_every_public_transform_is_covered():
-  public = {n for n in transforms.__all__ + sparse_training.__all__ + GROUP_PRUNING_ALL
-            if n.endswith("pruning") or n in ("rigl", "set_training")}
+  public = {n for n in (transforms.__all__ + sparse_training.__all__ + GROUP_PRUNING_ALL
+                        + fixed_masks.__all__)
+            if n.endswith("pruning") or n in ("rigl", "set_training", "keep_masks")}
   assert public == {c.factory for c in CASES}
 
 
@@ -259,7 +270,7 @@ def test_trains_to_exact_sparsity(name):
   def check(t, params, state, updates):
     assert jax.tree.map(lambda u: u.dtype, updates) == jax.tree.map(lambda p: p.dtype, params)
     assert _avals(state) == init_avals, "the state's shapes/dtypes changed with the step"
-    if case.kind == "sparse" or t >= 8:  # SET/RigL: exact from the first step on
+    if case.kind in ("sparse", "fixed") or t >= 8:  # SET/RigL/fixed: exact from step one on
       _check_exact(case, params, jp.masks_from_state(state))
 
   params, state = _train(name, params, STEPS, every_step=check)
