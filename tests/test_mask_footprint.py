@@ -20,6 +20,8 @@ import pytest
 
 import jaxprune as jp
 
+pytestmark = pytest.mark.usefixtures("xla_optimized")  # asserts on the optimized program
+
 SHAPES = ((128, 96), (96, 128))
 NEVER = 10**9
 
