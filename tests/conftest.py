@@ -54,7 +54,7 @@ def data_dir(tmp_path_factory):
 
 
 def _optimizations(disabled: bool):
-  previous = jax.config.jax_disable_most_optimizations
+  previous = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", disabled)
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
