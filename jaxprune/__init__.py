@@ -19,6 +19,7 @@ from jaxprune.analysis import (  # noqa: E402
                              pruning_identified_exemplars,
                              seed_spread,
 )
+from jaxprune.compress import as_compressed, compress, decompress  # noqa: E402
 from jaxprune.masks import apply_masks, lowest_k, prune, sparsity, summary, topk_mask
 from jaxprune.rewinding import rewind, ticket_masks
 from jaxprune.schedules import (
@@ -88,4 +89,6 @@ __all__ = [
     "analysis", "per_group_metrics", "disparate_impact", "pruning_identified_exemplars",
     "mask_overlap", "pairwise_mask_overlap", "seed_spread", "layer_sensitivity",
     "accuracy_vs_sparsity", "constrained_loss", "dual_ascent_update",
+    # export
+    "compress", "decompress", "as_compressed",
 ]
