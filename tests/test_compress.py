@@ -188,8 +188,8 @@ class FormatTest(parameterized.TestCase):
     w = _params()["dense1"]["kernel"]                       # 2048 weights, float32
     n = w.size
     cases = {
-        "bitmask": jp.topk_mask({"w": w}, 0.9)["w"],        # 205 kept: 820 + 256 bytes
-        "indices": jp.topk_mask({"w": w}, 0.99)["w"],       # 20 kept: 80 + 40 bytes
+        "bitmask": jp.topk_mask({"w": w}, 0.8)["w"],        # 410 kept: 1640 + 256 bytes
+        "indices": jp.topk_mask({"w": w}, 0.99)["w"],       # 20 kept: 80 + 20 or 40 bytes
         "n_of_m": jp.topk_mask({"w": w}, 0.5, structure=jp.n_of_m(2, 4))["w"],
         "dense": jp.topk_mask({"w": w}, 0.01)["w"],         # a bitmask would be larger
     }
@@ -199,7 +199,8 @@ class FormatTest(parameterized.TestCase):
       small = jp.compress({"w": w}, {"w": mask})
       (row,) = size_summary(small)
       assert row["format"] == fmt, (fmt, row)
-      want = {"bitmask": 4 * k + n // 8 + meta, "indices": 4 * k + 2 * k + meta,
+      g = small["w"].arrays["gaps"].dtype.itemsize if fmt == "indices" else 0
+      want = {"bitmask": 4 * k + n // 8 + meta, "indices": 4 * k + g * k + meta,
               "n_of_m": 4 * k + 2 * k // 8 + meta, "dense": 4 * n}[fmt]
       assert row["stored_bytes"] == want == nbytes(small), (fmt, row, want)
       assert row["dense_bytes"] == 4 * n
@@ -243,8 +244,8 @@ class FormatTest(parameterized.TestCase):
     assert ratio <= target, ratio
     itemsize = jnp.dtype(dtype).itemsize
     kept = 1 - sparsity
-    ideal = (kept * itemsize + 1 / 8) / itemsize   # values + 1 bit per weight
-    assert ratio == pytest.approx(ideal, rel=0.01), (ratio, ideal)
+    bitmask = (kept * itemsize + 1 / 8) / itemsize   # values + 1 bit per weight
+    assert bitmask * 0.9 < ratio <= bitmask * 1.001, (ratio, bitmask)
 
   def test_n_of_m_detected_along_other_axes_and_groups(self):
     w = _params()["dense2"]["kernel"]                        # (64, 16)
@@ -313,7 +314,7 @@ class BadInputTest(parameterized.TestCase):
 
   def test_malformed_restored_nodes(self):
     params = _params()
-    small = jp.compress(params, _masks("layerwise_90", params))
+    small = jp.compress(params, _masks("layerwise_90"), formats=["bitmask"])
     restored = {"w": {k: np.asarray(v) for k, v in small["dense1"]["kernel"].arrays.items()}}
     broken = {"w": dict(restored["w"], jaxprune_format=np.array([99, 0, 0], np.int32))}
     with pytest.raises(ValueError, match="'w/jaxprune_format' is not a jaxprune format"):
@@ -338,7 +339,7 @@ params = {"a": jax.random.normal(k[0], (64, 128)), "b": jax.random.normal(k[1], 
           "c": jax.random.normal(k[2], (4, 32, 64)), "bias": jnp.ones(32)}
 specs = {"a": P(None, "x"), "b": P("x", None), "c": P(None, None, "x"), "bias": P()}
 scores = jp.magnitude_scores(params)
-masks = jp.topk_mask(scores, 0.9)
+masks = jp.topk_mask(scores, 0.7)
 masks["b"] = jp.topk_mask({"b": scores["b"]}, 0.5, structure=jp.n_of_m(2, 4))["b"]
 masks["c"] = jp.topk_mask({"c": scores["c"]}, 0.99)["c"]
 want = jax.device_get(jp.apply_masks(params, masks))
@@ -358,7 +359,7 @@ for kind in (AxisType.Auto, AxisType.Explicit):
     sharded = {n: jax.device_put(v, shardings[n]) for n, v in params.items()}
     small = jp.compress(sharded, masks)           # gathers each leaf to the host
     assert [type(small[n]).__name__ for n in "abc"] == ["Compressed"] * 3, small
-    assert small["b"].kind == "n_of_m" and small["c"].kind == "indices"
+    assert [small[n].kind for n in "abc"] == ["bitmask", "n_of_m", "indices"]
     # Put the compressed arrays on the mesh: N:M values sharded like their kernel, flat
     # arrays split over the devices when they divide evenly, else replicated.
     def place(path, v):
@@ -378,7 +379,7 @@ for kind in (AxisType.Auto, AxisType.Explicit):
       assert out[name].sharding.is_equivalent_to(shardings[name], out[name].ndim), name
     # ...and usable: a sharded matmul on the decompressed kernels.
     y = jax.jit(lambda p, x: jnp.matmul(x @ p["a"], p["b"], out_sharding=P()))(out, x)
-    np.testing.assert_allclose(np.asarray(y), y_want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y), y_want, rtol=1e-4, atol=1e-3)
   print("ok", kind)
 """
 
