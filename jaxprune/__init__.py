@@ -35,6 +35,7 @@ from jaxprune.scores import (
                              random_scores,
                              saliency_scores,
 )
+from jaxprune.sparse_inference import SparseKernel, sparsify_for_inference  # noqa: E402
 from jaxprune.sparse_training import (
                              SparseTrainingState,
                              cosine_drop_fraction,
@@ -90,5 +91,5 @@ __all__ = [
     "mask_overlap", "pairwise_mask_overlap", "seed_spread", "layer_sensitivity",
     "accuracy_vs_sparsity", "constrained_loss", "dual_ascent_update",
     # export
-    "compress", "decompress", "as_compressed",
+    "compress", "decompress", "as_compressed", "sparsify_for_inference", "SparseKernel",
 ]
