@@ -5,20 +5,32 @@ layout) that is sparse enough with a :class:`SparseKernel`, a pytree holding a
 ``jax.experimental.sparse`` matrix; ``x @ kernel`` then runs a sparse matmul. Everything else is
 ``apply_masks(params, masks)``, unchanged.
 
-When it pays (``benchmarks/sparse_inference.py``, XLA:CPU, float32): a sparse matmul reads
-``nnz`` values and indices instead of the whole dense kernel, which helps only where the dense
-matmul is bound by reading the kernel (few rows of ``x``) and the kernel is very sparse. The two
-formats differ:
+When it pays (``benchmarks/sparse_inference.py``: XLA:CPU, float32, a 2-core machine shared
+with other jobs, so ±30%): a sparse matmul reads the kept values and their indices instead of
+the whole dense kernel, and does scattered work per kept weight, so it wins only on very sparse
+kernels. Time ÷ dense, MLP 1024→4096→1024:
 
+=================  =======  =======  =======  =======  =======  =======
+rows of ``x``      50%      80%      90%      95%      99%      2:4
+=================  =======  =======  =======  =======  =======  =======
+1, ``"bcoo"``      14×      3.0×     0.72×    0.94×    0.29×    26×
+64, ``"bcsr"``     2.9×     1.1×     0.73×    0.37×    0.04×    2.2×
+=================  =======  =======  =======  =======  =======  =======
+
+A transformer block (d_model 512, 16 tokens) gains from 95% at batch 1 (``"bcsr"``, 0.45×) and
+from 90% at batch 64 (0.77×). N:M never gains on CPU: 2:4 is only 50% sparse and the CPU has no
+N:M kernel (a compact gather-and-matmul of the 2:4 values was 16-76× slower than dense).
+
+Formats:
+
+* ``"bcsr"`` (default for float32/float64 kernels): the transposed kernel in CSR, multiplied by
+  XLA:CPU's native CSR kernel (``cpu_csr_sparse_dense_ffi``). The faster one for many rows.
+  Other dtypes would fall back to the BCOO algorithm with a ``SparseEfficiencyWarning``, so
+  they get ``"bcoo"`` by default.
 * ``"bcoo"``: ``x @ BCOO(kernel)``, a gather of ``x`` and a scatter-add per kept weight. The
-  faster one for one row (batch 1, matrix-vector); its cost grows with the rows of ``x``.
-* ``"bcsr"``: the transposed kernel in CSR, multiplied by XLA:CPU's native CSR kernel
-  (``cpu_csr_sparse_dense_ffi``). Slow for one row, the faster one for 64 rows. float32/float64
-  only: other dtypes fall back to the BCOO algorithm (with a ``SparseEfficiencyWarning``).
+  faster one for a single row (matrix-vector); its cost grows quickly with the rows of ``x``.
 
-Neither beats dense for N:M (2:4 is 50%) or for most sparsities at batch 64: see the benchmark's
-README section. On GPU, ``jax.experimental.sparse`` lowers BCOO/BCSR matmuls to cuSPARSE, which
-this module does not measure.
+On GPU, ``jax.experimental.sparse`` lowers these matmuls to cuSPARSE; not measured here.
 """
 from __future__ import annotations
 
@@ -111,7 +123,7 @@ def _density(mask) -> float:
 
 
 def sparsify_for_inference(params, masks, *, min_sparsity: float = 0.9,
-                           format: str = "bcoo"):  # noqa: A002 - the format's name
+                           format: str | None = None):  # noqa: A002 - the format's name
   """Pruned 2-D kernels of sparsity ``>= min_sparsity`` as :class:`SparseKernel` matrices.
 
   Runs outside ``jax.jit`` (the kept counts set the sparse matrices' sizes). Use the result
@@ -123,7 +135,8 @@ def sparsify_for_inference(params, masks, *, min_sparsity: float = 0.9,
     masks: keep-masks like ``params`` (e.g. from :func:`jaxprune.topk_mask`); concrete.
     min_sparsity: kernels pruned less than this stay dense (the benchmark: sparse matmuls win
       only from about 0.9 at batch 1 on CPU).
-    format: ``"bcoo"`` (batch 1) or ``"bcsr"`` (batches of rows; float32/float64).
+    format: ``"bcsr"`` (many rows; float32/float64), ``"bcoo"`` (one row), or None (default):
+      ``"bcsr"`` for float32/float64 kernels, ``"bcoo"`` for others.
 
   Returns:
     ``apply_masks(params, masks)`` with the chosen kernels replaced by :class:`SparseKernel`.
@@ -138,13 +151,13 @@ def sparsify_for_inference(params, masks, *, min_sparsity: float = 0.9,
     >>> masks = jp.topk_mask(jp.magnitude_scores(params), 0.95)
     >>> sp = jp.sparsify_for_inference(params, masks)
     >>> sp["w"], sp["w"].nse
-    (SparseKernel('bcoo', shape=(64, 32), dtype=float32), 102)
+    (SparseKernel('bcsr', shape=(64, 32), dtype=float32), 102)
     >>> x = jnp.ones((1, 64))
     >>> dense = jp.apply_masks(params, masks)
     >>> bool(jnp.allclose(jax.jit(lambda p, x: x @ p["w"])(sp, x), x @ dense["w"], atol=1e-5))
     True
   """
-  if format not in _FORMATS:
+  if format is not None and format not in _FORMATS:
     raise ValueError(f"sparsify_for_inference: format must be one of {_FORMATS}, got "
                      f"{format!r}.")
   if not 0.0 <= float(min_sparsity) <= 1.0:
@@ -160,8 +173,8 @@ def sparsify_for_inference(params, masks, *, min_sparsity: float = 0.9,
     if np.ndim(m) != 2 or np.ndim(x) != 2 or 1.0 - _density(m) < float(min_sparsity):
       out.append(d)
       continue
-    out.append(SparseKernel(_matrix(np.asarray(d), np.asarray(m, bool), format), format,
-                            np.shape(d)))
+    fmt = format or ("bcsr" if jnp.dtype(d.dtype) in (jnp.float32, jnp.float64) else "bcoo")
+    out.append(SparseKernel(_matrix(np.asarray(d), np.asarray(m, bool), fmt), fmt, np.shape(d)))
   return jax.tree.unflatten(jax.tree.structure(params), out)
 
 

@@ -126,6 +126,11 @@ def test_export_run_takes_a_module_with_batchnorm_state(tmp_path):
   tree = checkpointing.load_tree(tmp_path / "compressed")
   assert sorted(tree["rest"]["layers"]["1"]) == ["mean", "var"]
   assert [r["format"] for r in info["leaves"] if r["path"].endswith("kernel")] == ["bitmask"] * 2
+  # The runner's call: the pure nnx.State of the params, masks of the same tree, the rest.
+  rest = nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
+  again = export.export_run(tmp_path / "state", params, masks, rest=rest)
+  assert again["round_trip_exact"] is True and again["leaves"] == info["leaves"]
+  assert sorted(checkpointing.load_tree(tmp_path / "state" / "compressed")) == ["params", "rest"]
   with pytest.raises(ValueError, match="masks: paths not in the params"):
     export.export_run(tmp_path, {"w": np.ones((4, 4), np.float32)},
                       {"v": np.ones((4, 4), bool)})

@@ -44,6 +44,7 @@ def test_min_sparsity_keeps_denser_kernels_dense():
   masks = jp.topk_mask(jp.magnitude_scores(params), {"a": 0.95, "b": 0.5, "conv": 0.9})
   sp = jp.sparsify_for_inference(params, masks, min_sparsity=0.9)
   assert isinstance(sp["a"], jp.SparseKernel) and not isinstance(sp["b"], jp.SparseKernel)
+  assert sp["a"].format == "bcsr"                           # the default for float32
   np.testing.assert_array_equal(np.asarray(sp["b"]), np.asarray(jp.apply_masks(params,
                                                                               masks)["b"]))
   everything = jp.sparsify_for_inference(params, masks, min_sparsity=0.0)
@@ -54,6 +55,7 @@ def test_bfloat16_bcoo():
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _params())
   masks = jp.topk_mask(jp.magnitude_scores(params), 0.9)
   sp = jp.sparsify_for_inference(params, masks)
+  assert sp["a"].format == "bcoo"                           # no CPU CSR kernel for bfloat16
   x = jnp.ones((2, 64), jnp.bfloat16)
   got = x @ sp["a"]
   assert got.dtype == jnp.bfloat16
