@@ -68,8 +68,8 @@ def mlp_params(sizes, key):
 
 
 def mlp_apply(p, x):
-  h = jax.nn.relu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
-  return h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+  h = jax.nn.relu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"][None])
+  return h @ p["fc2"]["kernel"] + p["fc2"]["bias"][None]
 
 
 def block_params(cfg, key):
@@ -88,7 +88,7 @@ def block_params(cfg, key):
 def _ln(x, scale):
   mu = x.mean(-1, keepdims=True)
   var = ((x - mu) ** 2).mean(-1, keepdims=True)
-  return (x - mu) * jax.lax.rsqrt(var + 1e-6) * scale
+  return (x - mu) * jax.lax.rsqrt(var + 1e-6) * scale[None, None]
 
 
 def block_apply(p, x, heads):
@@ -100,8 +100,8 @@ def block_apply(p, x, heads):
   mix = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b * t, d)
   h = x + (mix @ p["o"]["kernel"]).reshape(b, t, d)
   rows = _ln(h, p["ln2"]["scale"]).reshape(b * t, d)
-  y = jax.nn.gelu(rows @ p["fc1"]["kernel"] + p["fc1"]["bias"])
-  return h + (y @ p["fc2"]["kernel"] + p["fc2"]["bias"]).reshape(b, t, d)
+  y = jax.nn.gelu(rows @ p["fc1"]["kernel"] + p["fc1"]["bias"][None])
+  return h + (y @ p["fc2"]["kernel"] + p["fc2"]["bias"][None]).reshape(b, t, d)
 
 
 @jax.tree_util.register_pytree_node_class
