@@ -181,6 +181,8 @@ def _nm_candidates(mask: np.ndarray, kept: int):
       if shape[ax] % m or (kept * m) % total:
         continue
       n = kept * m // total
+      if not 0 < n < m:
+        continue
       groups = mask.reshape(shape[:ax] + (shape[ax] // m, m) + shape[ax + 1:])
       if np.all(np.count_nonzero(groups, axis=ax + 1) == n):
         yield ax, n, m
@@ -225,7 +227,7 @@ def _compress_leaf(path: str, x: np.ndarray, mask: np.ndarray, formats) -> Any:
   kept = int(np.count_nonzero(mask))
   if kept == 0:
     return _node("zeros", shape, dtype, path, {})
-  if kept == mask.size and "dense" in formats:
+  if kept == mask.size:
     return x
   candidates = _sizes(mask, dtype.itemsize, formats)
   if not candidates:
@@ -266,7 +268,7 @@ def compress(params, masks, *, formats: Sequence[str] = FORMATS):
 
   Each leaf with a non-trivial mask becomes a :class:`Compressed` node in the cheapest of
   ``formats`` that fits its mask (see the module docstring); leaves with a scalar ``True`` mask
-  (and masks that keep everything, when ``"dense"`` is allowed) pass through as numpy arrays.
+  (and masks that keep everything) pass through as numpy arrays.
   Save the result with any checkpointer; :func:`decompress` gives the masked params back
   bit for bit.
 
@@ -274,8 +276,9 @@ def compress(params, masks, *, formats: Sequence[str] = FORMATS):
     params: a pytree of arrays (pure dicts, Flax NNX ``State``, Equinox modules...).
     masks: keep-masks with the params' tree structure (bool arrays of the leaf's shape, or
       scalars), e.g. from :func:`jaxprune.topk_mask`. Must be concrete (not traced).
-    formats: the formats allowed, a subset of :data:`FORMATS`
-      (``"n_of_m"``, ``"bitmask"``, ``"indices"``, ``"dense"``).
+    formats: the formats allowed for leaves that lose weights, a subset of :data:`FORMATS`
+      (``"n_of_m"``, ``"bitmask"``, ``"indices"``, ``"dense"``). Leaves that lose none pass
+      through, leaves that keep none store no values, whatever this says.
 
   Returns:
     The params' tree with :class:`Compressed` nodes in place of pruned leaves and numpy

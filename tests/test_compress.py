@@ -214,6 +214,12 @@ class FormatTest(parameterized.TestCase):
     small = jp.compress({"w": jnp.ones((4, 8), jnp.bfloat16)}, {"w": jnp.zeros((), bool)})
     assert small["w"].kind == "zeros" and set(small["w"].arrays) == {"jaxprune_format"}
     assert_bit_identical(jp.decompress(small)["w"], jnp.zeros((4, 8), jnp.bfloat16))
+    # Nothing pruned (a full mask): the leaf passes through, whatever the formats allowed.
+    w = _params()["dense2"]["kernel"]
+    for formats in (FORMATS, ["bitmask"], ["n_of_m"]):
+      kept = jp.compress({"w": w}, {"w": jnp.ones(w.shape, bool)}, formats=formats)["w"]
+      assert isinstance(kept, np.ndarray)
+      np.testing.assert_array_equal(_bits(kept), _bits(w))
 
   def test_unpruned_leaves_pass_through(self):
     params = _params()
