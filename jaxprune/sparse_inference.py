@@ -6,20 +6,22 @@ layout) that is sparse enough with a :class:`SparseKernel`, a pytree holding a
 ``apply_masks(params, masks)``, unchanged.
 
 When it pays (``benchmarks/sparse_inference.py``: XLA:CPU, float32, a 2-core machine shared
-with other jobs, so ±30%): a sparse matmul reads the kept values and their indices instead of
-the whole dense kernel, and does scattered work per kept weight, so it wins only on very sparse
-kernels. Time ÷ dense, MLP 1024→4096→1024:
+with other jobs; a run at load 13 and one at load 6 differed by up to 2.5x in these ratios, the
+figures below are the quieter run): a sparse matmul reads the kept values and their indices
+instead of the whole dense kernel, and does scattered work per kept weight, so it wins only on
+very sparse kernels. Time ÷ dense, MLP 1024→4096→1024:
 
 =================  =======  =======  =======  =======  =======  =======
 rows of ``x``      50%      80%      90%      95%      99%      2:4
 =================  =======  =======  =======  =======  =======  =======
-1, ``"bcoo"``      14×      3.0×     0.72×    0.94×    0.29×    26×
-64, ``"bcsr"``     2.9×     1.1×     0.73×    0.37×    0.04×    2.2×
+1, ``"bcoo"``      14×      2.9×     1.8×     1.0×     0.24×    12×
+64, ``"bcsr"``     2.5×     1.1×     0.60×    0.45×    0.08×    2.5×
 =================  =======  =======  =======  =======  =======  =======
 
-A transformer block (d_model 512, 16 tokens) gains from 95% at batch 1 (``"bcsr"``, 0.45×) and
-from 90% at batch 64 (0.77×). N:M never gains on CPU: 2:4 is only 50% sparse and the CPU has no
-N:M kernel (a compact gather-and-matmul of the 2:4 values was 16-76× slower than dense).
+A transformer block (d_model 512, sequences of 16 tokens, ``"bcsr"``) gains from 90% both at
+batch 1 (16 rows, 0.73×) and at batch 64 (1024 rows, 0.84×; 0.45× at 99%). N:M never gains on
+CPU: 2:4 is only 50% sparse and the CPU has no N:M kernel (a compact gather-and-matmul of the
+2:4 values was 12-67× slower than dense).
 
 Formats:
 
@@ -133,8 +135,8 @@ def sparsify_for_inference(params, masks, *, min_sparsity: float = 0.9,
   Args:
     params: a pytree of arrays.
     masks: keep-masks like ``params`` (e.g. from :func:`jaxprune.topk_mask`); concrete.
-    min_sparsity: kernels pruned less than this stay dense (the benchmark: sparse matmuls win
-      only from about 0.9 at batch 1 on CPU).
+    min_sparsity: kernels pruned less than this stay dense (the benchmark, CPU: ``"bcsr"``
+      wins from about 0.9 with 16 or more rows; ``"bcoo"`` on one row only near 0.99).
     format: ``"bcsr"`` (many rows; float32/float64), ``"bcoo"`` (one row), or None (default):
       ``"bcsr"`` for float32/float64 kernels, ``"bcoo"`` for others.
 
