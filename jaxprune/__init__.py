@@ -19,6 +19,7 @@ from jaxprune.analysis import (  # noqa: E402
                              pruning_identified_exemplars,
                              seed_spread,
 )
+from jaxprune.compress import as_compressed, compress, decompress  # noqa: E402
 from jaxprune.fixed_masks import keep_masks  # noqa: E402
 from jaxprune.group_pruning import group_pruning  # noqa: E402
 from jaxprune.masks import apply_masks, lowest_k, prune, sparsity, summary, topk_mask
@@ -36,6 +37,7 @@ from jaxprune.scores import (
                              random_scores,
                              saliency_scores,
 )
+from jaxprune.sparse_inference import SparseKernel, sparsify_for_inference  # noqa: E402
 from jaxprune.sparse_training import (
                              SparseTrainingState,
                              cosine_drop_fraction,
@@ -92,4 +94,6 @@ __all__ = [
     "analysis", "per_group_metrics", "disparate_impact", "pruning_identified_exemplars",
     "mask_overlap", "pairwise_mask_overlap", "seed_spread", "layer_sensitivity",
     "accuracy_vs_sparsity", "constrained_loss", "dual_ascent_update",
+    # export
+    "compress", "decompress", "as_compressed", "sparsify_for_inference", "SparseKernel",
 ]

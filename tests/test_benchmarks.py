@@ -106,3 +106,33 @@ def test_run_all_lists_every_benchmark_script(monkeypatch):
                       or types.SimpleNamespace(returncode=0))
   run_all.main(["--quick"])
   assert commands == [["-m", f"benchmarks.{name}", "--quick"] for name in run_all.BENCHMARKS]
+
+
+def test_sparse_inference_benchmark_writes_sizes_and_ratios(tmp_path):
+  from benchmarks import sparse_inference
+  rows = sparse_inference.main(["--sizes", "tiny", "--structures", "0.9", "2:4", "--repeats", "5",
+                                "--out-dir", str(tmp_path)])
+  with open(tmp_path / "sparse_inference.json") as f:
+    doc = json.load(f)
+  assert doc["schema"] == common.SCHEMA_VERSION and doc["benchmark"] == "sparse_inference"
+  assert doc["machine"]["jax"] is not None and len(doc["rows"]) == len(rows)
+  sizes = [r for r in doc["rows"] if r["kind"] == "size"]
+  assert {(r["dtype"], r["structure"]) for r in sizes} == {
+      (d, s) for d in ("float32", "bfloat16") for s in ("0.9", "2:4")}
+  for r in sizes:
+    assert r["round_trip_exact"] is True
+    assert r["disk_compressed_orbax_bytes"] > 0 and r["dense_npz_gzip_bytes"] > 0
+  by = {(r["dtype"], r["structure"]): r for r in sizes}
+  assert by[("float32", "2:4")]["formats"] == ["n_of_m"]
+  assert by[("float32", "0.9")]["kernel_ratio"] < 0.14        # 32x64 + 64x32 kernels
+  assert by[("float32", "2:4")]["kernel_ratio"] < 0.56
+  speed = [r for r in doc["rows"] if r["kind"] == "speed"]
+  methods = {(r["model"], r["structure"], r["batch"]): set() for r in speed}
+  for r in speed:
+    methods[(r["model"], r["structure"], r["batch"])].add(r["method"])
+    assert r["ratio_vs_dense"] > 0 and r["max_abs_err"] <= 1e-4 * max(r["output_scale"], 1)
+  for (model, structure, batch), ms in methods.items():
+    want = {"dense", "bcoo", "bcsr"} | ({"nm_gather"} if structure == "2:4" else set())
+    assert ms == want, (model, structure, batch, ms)
+  md = (tmp_path / "sparse_inference.md").read_text()
+  assert "### File sizes" in md and "### Inference time ÷ dense: MLP" in md

@@ -59,7 +59,7 @@ import numpy as np
 from orbax.checkpoint import v1 as ocp
 
 __all__ = ["CheckpointIntegrityError", "CheckpointIntegrityWarning", "Checkpoints",
-           "abstract_like", "tree_digests"]
+           "abstract_like", "load_tree", "save_tree", "tree_digests"]
 
 DIGESTS_KEY = "jaxprune_sha256"
 """The key of the per-leaf checksums in a step's ``custom_metadata``."""
@@ -482,3 +482,29 @@ class Checkpoints:
   def __exit__(self, *exc) -> None:
     self.close()
 
+
+
+def save_tree(path: str | os.PathLike, tree: Any, *, overwrite: bool = True) -> None:
+  """Writes one pytree to ``path`` (a directory) with ``ocp.save``; blocks until committed.
+
+  Numpy leaves are written as numpy arrays and come back as numpy arrays from
+  :func:`load_tree` with no target (jax arrays would come back as jax arrays, with orbax's
+  "Sharding info not provided" warning). orbax cannot write empty arrays.
+
+  Examples:
+    >>> import os, tempfile, numpy as np
+    >>> from train import checkpointing
+    >>> path = os.path.join(tempfile.mkdtemp(), "tree")
+    >>> checkpointing.save_tree(path, {"a": {"w": np.arange(3.0)}})
+    >>> checkpointing.load_tree(path)["a"]["w"].tolist()
+    [0.0, 1.0, 2.0]
+  """
+  ocp.save(os.fspath(path), tree, overwrite=overwrite)
+
+
+def load_tree(path: str | os.PathLike, abstract: Any = None) -> Any:
+  """Reads a pytree written by :func:`save_tree`: with no ``abstract`` target, as nested dicts
+  and lists of the saved arrays; with one, into its structure (see :func:`abstract_like`)."""
+  if abstract is None:
+    return ocp.load(os.fspath(path))
+  return ocp.load(os.fspath(path), abstract_like(abstract))

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 import jaxprune as jp
-from train import checkpointing, input_pipeline, recipes, reporting, runs, validation
+from train import checkpointing, export, input_pipeline, recipes, reporting, runs, validation
 from train import workdir as workdir_lib
 from train.experiment import Experiment, build_model, make_lr, make_where, parse_structure
 from train.trainer import Trainer, make_mesh
@@ -156,6 +156,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_count() == 1:
       outputs = exp.outputs(data.test)
       save_predictions(os.path.join(workdir, PREDICTIONS), outputs)
+      exp.notes.append(export.report_line(export.export_run(
+          workdir, outputs["params"], outputs["masks"], rest=outputs["rest"])))
       for file, out in exp.extra_outputs().items():
         save_predictions(os.path.join(workdir, file), out)
     else:
