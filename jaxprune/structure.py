@@ -16,6 +16,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxprune import _floats
+
 
 def _norm_axis(axis: int, ndim: int, path: str, what: str) -> int:
   if not -ndim <= axis < ndim:
@@ -63,16 +65,11 @@ class Channels:
     return shape[self.axis % len(shape)]
 
   def unit_scores(self, scores: jax.Array) -> jax.Array:
+    # Scaled by a power of two per channel before squaring or summing, and back, exactly: no
+    # underflow for tiny weights, no overflow for huge ones (see jaxprune/_floats.py).
     ax = self.axis % scores.ndim
     others = tuple(i for i in range(scores.ndim) if i != ax)
-    s = scores.astype(jnp.float32)
-    if self.reduce == "l2":
-      return jnp.sqrt(jnp.sum(jnp.square(s), axis=others))
-    if self.reduce == "l1":
-      return jnp.sum(jnp.abs(s), axis=others)
-    if self.reduce == "mean":
-      return jnp.mean(s, axis=others)
-    return jnp.max(s, axis=others)
+    return _floats.unit_reduce(scores, others, self.reduce).reshape(scores.shape[ax])
 
   def expand(self, keep: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     ax = self.axis % len(shape)
@@ -107,9 +104,10 @@ class Blocks:
 
   def unit_scores(self, scores: jax.Array) -> jax.Array:
     lead, split = self._split(scores.shape)
-    s = scores.astype(jnp.float32).reshape(lead + split)
     inner = tuple(len(lead) + 2 * i + 1 for i in range(len(self.shape)))
-    return jnp.sqrt(jnp.sum(jnp.square(s), axis=inner))
+    # The L2 norm of each block, without under- or overflow (see jaxprune/_floats.py).
+    norms = _floats.unit_reduce(scores.reshape(lead + split), inner, "l2")
+    return norms.reshape(lead + tuple(split[0::2]))
 
   def expand(self, keep: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     lead, split = self._split(shape)
