@@ -108,8 +108,7 @@ def _check(sparsity, update_every, end_step, drop_fraction, distribution):
   if not _tree.is_traced(sparsity) and not 0.0 <= float(sparsity) < 1.0:
     raise ValueError(f"sparsity must be in [0, 1), got {float(sparsity)}.")
   for name, v in (("update_every", update_every), ("end_step", end_step)):
-    if isinstance(v, bool) or (isinstance(v, (int, np.integer)) and v < 1):
-      raise ValueError(f"{name} must be an int >= 1, got {v!r}.")
+    _util.check_step_count(name, v)
   if allocation.is_scalar(drop_fraction) and not _tree.is_traced(drop_fraction):
     if not 0.0 <= float(drop_fraction) <= 1.0:
       raise ValueError(f"drop_fraction must be in [0, 1], got {float(drop_fraction)}.")

@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune import _floats
 
@@ -81,6 +82,13 @@ class Channels:
 class Blocks:
   """Rectangular blocks over the last ``len(shape)`` axes are units (scored by their L2 norm)."""
   shape: tuple[int, ...] = (4, 4)
+
+  def __post_init__(self):
+    b = self.shape
+    if not isinstance(b, tuple) or not b or not all(
+        isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1 for k in b):
+      raise ValueError(f"blocks(shape) needs a non-empty tuple of ints >= 1 (one block size "
+                       f"per trailing axis, e.g. (4, 4)), got {b!r}.")
 
   def validate(self, path: str, shape: tuple[int, ...]) -> None:
     b = self.shape
@@ -156,6 +164,21 @@ class PerOutput:
 
 Structure = Unstructured | Channels | Blocks | NOfM | PerOutput
 
+_STRUCTURES = (Unstructured, Channels, Blocks, NOfM, PerOutput)
+
+
+def check_structure(structure) -> None:
+  """Raises ``ValueError`` unless ``structure`` is one of the structures of this module."""
+  if isinstance(structure, _STRUCTURES):
+    return
+  hint = ""
+  if isinstance(structure, str):
+    hint = (f" For the string {structure!r}: 'N:M' is jp.n_of_m(N, M), 'HxW' is "
+            "jp.blocks((H, W)), and 'channels' is jp.channels().")
+  raise ValueError("structure must be jp.unstructured(), jp.n_of_m(n, m), jp.blocks(shape), "
+                   f"jp.channels() or jp.per_output(), got {structure!r} "
+                   f"({type(structure).__name__}).{hint}")
+
 
 def unstructured() -> Unstructured:
   """Each weight is pruned on its own.
@@ -196,6 +219,8 @@ def blocks(shape: tuple[int, ...] = (4, 4)) -> Blocks:
     >>> jp.topk_mask({"w": w}, 0.5, structure=jp.blocks((2, 2)))["w"][0]
     Array([False, False,  True,  True], dtype=bool)
   """
+  if not isinstance(shape, (tuple, list)):
+    raise ValueError(f"blocks(shape) needs a non-empty tuple of ints >= 1, got {shape!r}.")
   return Blocks(tuple(shape))
 
 
