@@ -12,6 +12,7 @@ beyond the type's largest finite value is ``inf``, as IEEE rounding says).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -115,9 +116,11 @@ def _max_exact(s: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   return jnp.where(any_nan, jnp.array(np.nan, s.dtype), value)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def unit_reduce(scores: jax.Array, axes: tuple[int, ...], reduce: str) -> jax.Array:
   """The ``reduce`` ("l2", "l1", "mean" or "max") of ``scores`` over ``axes`` (kept as size 1),
-  with no intermediate under- or overflow: see the module docstring."""
+  with no intermediate under- or overflow: see the module docstring. Jitted, so that eager
+  calls reuse one compilation (its reductions are ``lax.reduce`` calls with fresh lambdas)."""
   s = scores.astype(compute_dtype(scores.dtype))
   if reduce == "max":
     return _max_exact(s, axes)
