@@ -116,23 +116,52 @@ def _max_exact(s: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   return jnp.where(any_nan, jnp.array(np.nan, s.dtype), value)
 
 
+def _safe_range(reduce: str, n: int) -> tuple[int, int]:
+  """Unit exponents (of the largest ``|s|``) for which the plain float32 reduction of ``n``
+  terms neither overflows nor loses a bit to flushed subnormals (their sum is below half an
+  ulp of the result)."""
+  half_log = -(-max(n - 1, 0).bit_length() // 2)        # ceil(log2(n) / 2)
+  full_log = max(n - 1, 0).bit_length()                 # ceil(log2(n))
+  if reduce == "l2":
+    return -51 + half_log, 62 - half_log
+  return -102 + full_log, 126 - full_log
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def unit_reduce(scores: jax.Array, axes: tuple[int, ...], reduce: str) -> jax.Array:
   """The ``reduce`` ("l2", "l1", "mean" or "max") of ``scores`` over ``axes`` (kept as size 1),
-  with no intermediate under- or overflow: see the module docstring. Jitted, so that eager
-  calls reuse one compilation (its reductions are ``lax.reduce`` calls with fresh lambdas)."""
+  with no intermediate under- or overflow: see the module docstring.
+
+  Units whose largest magnitude lies well inside float32's range get the plain reduction
+  (``sqrt(sum(square(s)))``, ``sum(abs(s))``, ``mean(s)``), bit for bit what it always gave;
+  only the others (and all float64 scores) take the scaled path, inside a ``lax.cond`` that
+  is skipped when no unit needs it. ``max`` is always taken on the order keys (exact, and
+  equal to the float max wherever that one is). Jitted, so that eager calls reuse one
+  compilation (its reductions are ``lax.reduce`` calls with fresh lambdas).
+  """
   s = scores.astype(compute_dtype(scores.dtype))
   if reduce == "max":
     return _max_exact(s, axes)
-  e, has_nan = scale_exponent(s, axes)
-  scaled = ldexp(s, -e)
   term = {"l2": jnp.square, "l1": jnp.abs, "mean": lambda x: x}.get(reduce)
   if term is None:
     raise ValueError(f"reduce must be 'l2', 'l1', 'mean' or 'max', got {reduce!r}.")
-  total, nan_again = _with_any(term(scaled), jnp.isnan(scaled), axes, jnp.add, 0)
-  if reduce == "l2":
-    total = jnp.sqrt(total)
-  elif reduce == "mean":
-    total = total / math.prod(s.shape[i] for i in axes)
-  total = jnp.where(has_nan | nan_again, jnp.array(np.nan, s.dtype), total)
-  return ldexp(total, e)
+  n = math.prod(s.shape[i] for i in axes)
+  e, has_nan = scale_exponent(s, axes)
+
+  def finish(total):
+    if reduce == "l2":
+      return jnp.sqrt(total)
+    return total / n if reduce == "mean" else total
+
+  def scaled():
+    x = ldexp(s, -e)
+    total, nan_again = _with_any(term(x), jnp.isnan(x), axes, jnp.add, 0)
+    total = jnp.where(has_nan | nan_again, jnp.array(np.nan, s.dtype), finish(total))
+    return ldexp(total, e)
+
+  if s.dtype == jnp.float64:
+    return scaled()
+  plain = finish(jnp.sum(term(s), axis=axes, keepdims=True))
+  lo, hi = _safe_range(reduce, n)
+  safe = (e >= lo) & (e <= hi)
+  return lax.cond(jnp.all(safe), lambda: plain, lambda: jnp.where(safe, plain, scaled()))
