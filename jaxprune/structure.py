@@ -197,6 +197,11 @@ def n_of_m(n: int, m: int, axis: int = -2) -> NOfM:
   (default ``-2``, the input axis of Flax ``Dense``/``Conv`` kernels, i.e. the contraction axis),
   exactly ``n`` are kept. The sparsity is ``1 - n/m``; pass that (or 0 for no pruning).
 
+  Any other sparsity is an error, a traced one too (a schedule's value: it raises when the
+  program runs). So a gradual ramp (``polynomial_schedule``) with ``n_of_m`` fails at its
+  first value between 0 and ``1 - n/m`` instead of jumping to ``1 - n/m``; reach N:M with a
+  schedule that jumps, e.g. ``jp.one_shot_schedule(1 - n/m, at_step)``.
+
   Examples:
     >>> import jax.numpy as jnp, jaxprune as jp
     >>> w = jnp.array([[1.], [4.], [3.], [2.]])          # (in=4, out=1)
