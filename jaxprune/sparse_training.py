@@ -28,8 +28,8 @@ import numpy as np
 import optax
 from jax import lax
 
+from jaxprune import _checks, _tree, allocation
 from jaxprune import _transform_utils as _util
-from jaxprune import _tree, allocation
 from jaxprune._typing import KeyLike, PyTree, Where
 from jaxprune.allocation import erk_sparsities
 from jaxprune.masks import lowest_k, topk_mask
@@ -190,7 +190,10 @@ def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop
       raise ValueError(_util.NO_PARAMS_MSG)
     _, chosen, _ = _util.selection(params, where)
     count = state.count
-    masks, grown = new_topology(state.masks, params, updates, count, frac(count),
+    f = jnp.asarray(frac(count), jnp.float32)
+    _checks.check(~_checks.is_fraction(f), lambda v, c: (
+        f"drop_fraction {float(v)} at step {int(c)} is outside [0, 1]."), f, count)
+    masks, grown = new_topology(state.masks, params, updates, count, f,
                                 jax.random.fold_in(grow_key, count),
                                 jnp.asarray(update_every, jnp.int32),
                                 jnp.asarray(end_step, jnp.int32))

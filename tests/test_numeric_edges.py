@@ -113,6 +113,16 @@ def test_traced_nan_in_erk_and_schedules_is_an_error():
     jax.block_until_ready(jax.jit(lambda p, s: inj.update(p, s, p))(params, state))
 
 
+def test_traced_nan_drop_fraction_is_an_error():
+  params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+  tx = jp.rigl(optax.sgd(0.1), sparsity=0.5, update_every=1, end_step=10,
+               drop_fraction=lambda c: jnp.where(c >= 1, jnp.nan, 0.3), distribution="uniform")
+  step = jax.jit(lambda p, s: tx.update(p, s, p))
+  _, state = step(params, tx.init(params))
+  with pytest.raises(RUNTIME, match=r"drop_fraction nan at step 1 is outside \[0, 1\]"):
+    jax.block_until_ready(step(params, state))
+
+
 def test_eager_bad_schedule_raises_at_once():
   tx = jp.magnitude_pruning(lambda c: 1.25)
   params = {"w": jnp.ones((2, 2))}
