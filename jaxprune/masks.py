@@ -58,16 +58,26 @@ def _n_of_m_keep(scores: jax.Array, st: structure_lib.NOfM) -> jax.Array:
   return (position >= st.m - st.n).reshape(shape)
 
 
+def _n_of_m_tolerance(s) -> float:
+  """How far a sparsity may be from ``1 - n/m``: 1e-6, or the value's own precision (an
+  injected bfloat16 hyperparameter is rounded to 8 bits)."""
+  dtype = getattr(s, "dtype", None)
+  if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+    return max(1e-6, float(jnp.finfo(dtype).eps))
+  return 1e-6
+
+
 def _n_of_m_leaf(path, scores, s, st):
+  tol = _n_of_m_tolerance(s)
   if not _tree.is_traced(s):
     value = float(s)
     if value == 0.0:
       return jnp.ones_like(scores, dtype=bool)
-    if abs(value - st.sparsity) > 1e-6:
+    if abs(value - st.sparsity) > tol:
       raise ValueError(_n_of_m_message(st, value, path))
     return _n_of_m_keep(scores, st)
   # Traced: checked when the program runs (a GMP ramp passes through sparsities N:M cannot give).
-  _checks.check(~((s == 0) | (jnp.abs(s - st.sparsity) <= 1e-6)),
+  _checks.check(~((s == 0) | (jnp.abs(s - st.sparsity) <= tol)),
                 lambda v: _n_of_m_message(st, float(v), path, traced=True), s)
   return _n_of_m_keep(scores, st) | (s <= 0)
 

@@ -142,6 +142,16 @@ def test_n_of_m_traced_sparsity_it_cannot_give_is_an_error():
     jax.block_until_ready(fn(jnp.float32(0.9)))
 
 
+def test_n_of_m_accepts_its_sparsity_rounded_to_the_value_type():
+  w = {"w": jnp.arange(9.0).reshape(3, 3)}                 # one group of 3 per column
+  st = jp.n_of_m(1, 3)
+  s16 = jnp.asarray(2 / 3, jnp.bfloat16)                    # 0.66796875
+  assert int(jp.topk_mask(w, s16, structure=st)["w"].sum()) == 3
+  assert int(jax.jit(lambda s: jp.topk_mask(w, s, structure=st))(s16)["w"].sum()) == 3
+  with pytest.raises(ValueError, match="gives sparsity 0.666667 only"):
+    jp.topk_mask(w, 0.67, structure=st)
+
+
 def test_gmp_ramp_with_n_of_m_errors_instead_of_jumping():
   params = {"w": jax.random.normal(jax.random.key(0), (8, 4))}
   ramp = jp.polynomial_schedule(0.5, begin_step=0, end_step=4)
