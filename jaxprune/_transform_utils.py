@@ -10,16 +10,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import _tree, allocation
+from jaxprune import _checks, _tree, allocation
+from jaxprune import structure as structure_lib
 
 NO_PARAMS_MSG = ("This pruning transform needs the params: call tx.update(updates, state, params) "
                  "(optax.apply_updates lands pruned weights on 0 by emitting -params).")
 
 
 def as_schedule(value, name: str = "sparsity") -> Callable[[jax.Array], jax.Array]:
-  """A fraction or an ``optax.Schedule`` as a schedule returning float32 in [0, 1]."""
+  """A fraction or an ``optax.Schedule`` as a schedule returning float32 in [0, 1].
+
+  A schedule's value is checked at every step (when the program runs, if traced): NaN or a
+  value outside [0, 1] raises, naming the step.
+  """
   if callable(value):
-    return lambda count: jnp.clip(jnp.asarray(value(count), jnp.float32), 0.0, 1.0)
+    def schedule(count):
+      v = jnp.asarray(value(count), jnp.float32)
+      if v.ndim != 0:
+        raise ValueError(f"the {name} schedule must return a scalar, got shape {v.shape}.")
+      _checks.check(~_checks.is_fraction(v), lambda v, c: (
+          f"the {name} schedule returned {float(v)} at step {int(c)}; a {name} must be in "
+          "[0, 1]."), v, count)
+      return jnp.clip(v, 0.0, 1.0)
+    return schedule
   if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) != 0:
     raise ValueError(f"{name} must be a number, a 0-d array or a schedule; got shape "
                      f"{np.shape(value)}.")
@@ -103,7 +116,7 @@ def allocate(params, s, distribution: str, where_by_path, stacked=None):
                                    stacked=stacked)
 
 
-def check_options(scope: str, distribution: str, update_every) -> None:
+def check_options(scope: str, distribution: str, update_every, structure=None) -> None:
   if scope not in ("layerwise", "global"):
     raise ValueError(f"scope must be 'layerwise' or 'global', got {scope!r}.")
   if distribution not in ("uniform", "erk"):
@@ -111,6 +124,17 @@ def check_options(scope: str, distribution: str, update_every) -> None:
   if scope == "global" and distribution != "uniform":
     raise ValueError("scope='global' sets one threshold over all leaves; it takes "
                      f"distribution='uniform', got {distribution!r}.")
-  if isinstance(update_every, bool) or (
-      isinstance(update_every, (int, np.integer)) and update_every < 1):
-    raise ValueError(f"update_every must be an int >= 1, got {update_every!r}.")
+  check_step_count("update_every", update_every)
+  if structure is not None:
+    structure_lib.check_structure(structure)
+
+
+def check_step_count(name: str, value) -> None:
+  """An int >= 1, or an integer jax array (maybe traced, e.g. by ``inject_hyperparams``)."""
+  if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0 and jnp.issubdtype(
+      value.dtype, jnp.integer):
+    if not _tree.is_traced(value) and int(value) < 1:
+      raise ValueError(f"{name} must be an int >= 1, got {int(value)}.")
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be an int >= 1 (a number of steps), got {value!r}.")

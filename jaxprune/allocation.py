@@ -10,6 +10,7 @@ A sparsity can be given as
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import _tree, stacking
+from jaxprune import _checks, _tree, stacking
 from jaxprune._typing import Params, PyTree, Sparsity, Where
 
 
@@ -31,39 +32,84 @@ def is_scalar(x: object) -> bool:
   return _is_number(x) or (isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) == 0)
 
 
-def check_fraction(value: float | jax.Array, path: str,
-                   what: str = "sparsity") -> float | jax.Array:
-  """Validates a concrete fraction in [0, 1]; traced values pass through (clipped later)."""
+def check_fraction(value: float | jax.Array, path: str, what: str = "sparsity", *,
+                   deferred: list | None = None) -> float | jax.Array:
+  """Validates a fraction in [0, 1] for leaf ``path``.
+
+  A concrete value is checked now. A traced one is checked when the program runs
+  (``jaxprune._checks``: NaN or a value outside [0, 1] raises a ``ValueError`` carried by a
+  ``jax.errors.JaxRuntimeError``); with ``deferred``, ``(path, value)`` is appended to it instead,
+  for the caller to check many values at once.
+  """
   if _is_number(value) or (isinstance(value, np.ndarray) and value.ndim == 0):
     v = float(value)
     if not 0.0 <= v <= 1.0 or math.isnan(v):
       raise ValueError(f"{what} {v} for leaf '{path}' is outside [0, 1].")
     return v
+  if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) != 0:
+    raise ValueError(f"{what} for leaf '{path}' must be a number or a 0-d array, got an array "
+                     f"of shape {np.shape(value)}.")
   if isinstance(value, jax.Array) and not _tree.is_traced(value):
     v = float(value)
     if not 0.0 <= v <= 1.0 or math.isnan(v):
       raise ValueError(f"{what} {v} for leaf '{path}' is outside [0, 1].")
     return value
   if isinstance(value, jax.Array):
+    if deferred is None:
+      _checks.check_fractions([value], [path], what)
+    else:
+      deferred.append((path, value))
     return value
   raise ValueError(f"{what} for leaf '{path}' must be a number or a 0-d array, got "
                    f"{type(value).__name__}.")
+
+
+def _check_deferred(deferred: list, what: str = "sparsity") -> None:
+  """One run-time check for the traced values :func:`check_fraction` deferred (each distinct
+  tracer once)."""
+  seen, paths, values = set(), [], []
+  for path, value in deferred:
+    if id(value) not in seen:
+      seen.add(id(value))
+      paths.append(path)
+      values.append(value)
+  _checks.check_fractions(values, paths, what)
+
+
+def _compile_pattern(pattern: str) -> re.Pattern:
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"sparsity pattern {pattern!r} is not a valid regular expression: {e}. "
+                     "Keys of a sparsity dict are regexes that re.fullmatch leaf paths "
+                     "(escape literal characters with re.escape).") from e
 
 
 def per_leaf_sparsities(sparsity: Sparsity, paths: list[str], leaves: list,
                         treedef: jax.tree_util.PyTreeDef,
                         chosen: list[bool]) -> list[float | jax.Array | None]:
   """Resolves any accepted sparsity spec to one value per leaf (None for unselected leaves)."""
+  deferred: list = []
+  out = _resolve(sparsity, paths, leaves, treedef, chosen, deferred)
+  _check_deferred(deferred)
+  return out
+
+
+def _resolve(sparsity, paths, leaves, treedef, chosen, deferred):
+  check = functools.partial(check_fraction, deferred=deferred)
   if is_scalar(sparsity):
-    return [check_fraction(sparsity, p) if c else None for p, c in zip(paths, chosen)]
+    return [check(sparsity, p) if c else None for p, c in zip(paths, chosen)]
+  if isinstance(sparsity, (jax.Array, np.ndarray)):
+    raise ValueError("sparsity must be a number or a 0-d array (or a tree, dict or callable "
+                     f"of them), got an array of shape {np.shape(sparsity)}.")
   if callable(sparsity) and not isinstance(sparsity, Mapping):
-    return [check_fraction(sparsity(p, x), p) if c else None
+    return [check(sparsity(p, x), p) if c else None
             for p, x, c in zip(paths, leaves, chosen)]
   if jax.tree.structure(sparsity) == treedef:
     values = jax.tree.leaves(sparsity)
-    return [check_fraction(v, p) if c else None for p, v, c in zip(paths, values, chosen)]
+    return [check(v, p) if c else None for p, v, c in zip(paths, values, chosen)]
   if isinstance(sparsity, Mapping) and all(isinstance(k, str) for k in sparsity):
-    patterns = [(re.compile(k), k, v) for k, v in sparsity.items()]
+    patterns = [(_compile_pattern(k), k, v) for k, v in sparsity.items()]
     used = set()
     out = []
     for p, c in zip(paths, chosen):
@@ -72,7 +118,7 @@ def per_leaf_sparsities(sparsity: Sparsity, paths: list[str], leaves: list,
         value = 0.0
         for rx, k, v in patterns:
           if rx.fullmatch(p):
-            value, _ = check_fraction(v, p), used.add(k)
+            value, _ = check(v, p), used.add(k)
             break
       out.append(value)
     unused = [k for _, k, _ in patterns if k not in used]
@@ -96,14 +142,16 @@ def erk_sparsities(params: Params, sparsity: float | jax.Array, *, where: Where 
   Args:
     params: a pytree of arrays (only shapes are read; abstract arrays work).
     sparsity: the overall fraction of prunable weights to remove, in [0, 1); a jax array
-      (e.g. a schedule's value under ``jit``) works too.
+      (e.g. a schedule's value under ``jit``) works too, and a traced one is checked when the
+      program runs (NaN or a value outside [0, 1] raises, as in :func:`jaxprune.topk_mask`).
     where: ``(path, leaf) -> bool`` choosing prunable leaves.
     power_scale: exponent on the ERK ratio (1.0 is ERK; 0.0 is uniform).
     stacked: the layer axis of stacked leaves (as in :func:`jaxprune.topk_mask`): each slice is
       a layer of the slice's shape, so a stacked leaf gets the sparsity of its layers unrolled.
 
   Returns:
-    A tree like ``params`` of Python floats (0.0 on leaves that are not pruned); of float32
+    A tree like ``params`` of Python floats (0.0 on leaves that are not pruned, and on leaves
+    without elements); of float32
     scalars when ``sparsity`` is a jax array (the same fixed point, vectorized over the leaves
     and iterated once per prunable leaf, which is enough to reach it).
 
@@ -121,7 +169,8 @@ def erk_sparsities(params: Params, sparsity: float | jax.Array, *, where: Where 
   check_fraction(sparsity, "<all>")
   paths, leaves, treedef, chosen = _tree.selected(params, stacking.where_for(where, stacked))
   shapes = [tuple(x.shape) for x in leaves]
-  idx = [i for i, c in enumerate(chosen) if c]
+  # A leaf without elements (a zero in its shape) has nothing to prune: sparsity 0.0.
+  idx = [i for i, c in enumerate(chosen) if c and math.prod(shapes[i]) > 0]
   sizes = {i: math.prod(shapes[i]) for i in idx}
   if stacked is None:
     raw = {i: (sum(shapes[i]) / sizes[i]) ** power_scale for i in idx}
@@ -143,7 +192,7 @@ def erk_sparsities(params: Params, sparsity: float | jax.Array, *, where: Where 
     dense |= over
   out = []
   for i, _ in enumerate(leaves):
-    if not chosen[i]:
+    if i not in raw:
       out.append(0.0)
     elif i in dense:
       out.append(0.0)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import _select, _tree, allocation, stacking
+from jaxprune import _checks, _select, _tree, allocation, stacking
 from jaxprune import structure as structure_lib
 from jaxprune._typing import Masks, Params, PyTree, Scores, Sparsity, Where
 from jaxprune.scores import magnitude_scores
@@ -58,16 +58,36 @@ def _n_of_m_keep(scores: jax.Array, st: structure_lib.NOfM) -> jax.Array:
   return (position >= st.m - st.n).reshape(shape)
 
 
+def _n_of_m_tolerance(s) -> float:
+  """How far a sparsity may be from ``1 - n/m``: 1e-6, or the value's own precision (an
+  injected bfloat16 hyperparameter is rounded to 8 bits)."""
+  dtype = getattr(s, "dtype", None)
+  if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+    return max(1e-6, float(jnp.finfo(dtype).eps))
+  return 1e-6
+
+
 def _n_of_m_leaf(path, scores, s, st):
+  tol = _n_of_m_tolerance(s)
   if not _tree.is_traced(s):
     value = float(s)
     if value == 0.0:
       return jnp.ones_like(scores, dtype=bool)
-    if abs(value - st.sparsity) > 1e-6:
-      raise ValueError(f"n_of_m({st.n}, {st.m}) gives sparsity {st.sparsity:g}, but sparsity "
-                       f"{value:g} was asked for leaf '{path}' (use {st.sparsity:g} or 0).")
+    if abs(value - st.sparsity) > tol:
+      raise ValueError(_n_of_m_message(st, value, path))
     return _n_of_m_keep(scores, st)
+  # Traced: checked when the program runs (a GMP ramp passes through sparsities N:M cannot give).
+  _checks.check(~((s == 0) | (jnp.abs(s - st.sparsity) <= tol)),
+                lambda v: _n_of_m_message(st, float(v), path, traced=True), s)
   return _n_of_m_keep(scores, st) | (s <= 0)
+
+
+def _n_of_m_message(st, value, path, traced=False):
+  when = " (a traced value, checked when the program runs)" if traced else ""
+  return (f"n_of_m({st.n}, {st.m}) gives sparsity {st.sparsity:g} only, but sparsity {value:g} "
+          f"was asked for leaf '{path}'{when}. Use {st.sparsity:g} or 0; to reach N:M while "
+          f"training, use a schedule that jumps from 0 to {st.sparsity:g} (e.g. "
+          "jp.one_shot_schedule), not a gradual ramp.")
 
 
 # ----------------------------------------------------------------------------- topk_mask
@@ -165,8 +185,8 @@ def topk_mask(scores: Scores, sparsity: Sparsity, *,
   Args:
     scores: a pytree of score arrays (larger = more important), e.g. from
       :func:`magnitude_scores`.
-    sparsity: the fraction to remove: a number or 0-d array (may be traced; traced values are
-      clipped to [0, 1] and rounded in float32), a tree of numbers like ``scores``, a dict
+    sparsity: the fraction to remove: a number or 0-d array (may be traced; ``round(s·n)`` of
+      a traced value is computed in float32), a tree of numbers like ``scores``, a dict
       ``{path_regex: sparsity}`` or a callable ``(path, leaf) -> sparsity``
       (see :mod:`jaxprune.allocation`). With ``scope="global"`` it must be one number.
     structure: :func:`unstructured` (default), :func:`n_of_m`, :func:`blocks`,
@@ -184,8 +204,17 @@ def topk_mask(scores: Scores, sparsity: Sparsity, *,
     scalar ``True`` for every other leaf.
 
   Raises:
-    ValueError: naming the leaf path, for a sparsity outside [0, 1], a structure that does not
-      fit a leaf, a ``where`` that selects nothing or selects a non-float leaf.
+    ValueError: naming the leaf path, for a sparsity outside [0, 1] (or NaN), a sparsity
+      :func:`n_of_m` cannot give, a structure that does not fit a leaf, a ``where`` that
+      selects nothing or selects a non-float leaf.
+    jax.errors.JaxRuntimeError: when the program runs, carrying the same ``ValueError``
+      message, for a *traced* sparsity that is NaN, outside [0, 1], or (with :func:`n_of_m`)
+      neither 0 nor ``1 - n/m``. The check is a ``lax.cond`` and a ``jax.debug.callback``
+      that is only called when the value is bad.
+
+  Scores are compared exactly in their own type's order (float64 under x64, float32,
+  bfloat16, float16; mixed leaves in a type that holds them all), on integer keys: subnormals
+  are distinct from 0, ``-0.0 == +0.0``, NaN is lowest.
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune as jp
@@ -196,6 +225,7 @@ def topk_mask(scores: Scores, sparsity: Sparsity, *,
            [ True, False]], dtype=bool), Array(True, dtype=bool))
   """
   st = structure_lib.unstructured() if structure is None else structure
+  structure_lib.check_structure(st)
   where = stacking.where_for(where, stacked)
   paths, leaves, treedef, chosen = _tree.selected(scores, where, what="scores")
   axes = stacking.resolve(stacked, paths, leaves, chosen)

@@ -28,8 +28,8 @@ import numpy as np
 import optax
 from jax import lax
 
+from jaxprune import _checks, _tree, allocation
 from jaxprune import _transform_utils as _util
-from jaxprune import _tree, allocation
 from jaxprune._typing import KeyLike, PyTree, Where
 from jaxprune.allocation import erk_sparsities
 from jaxprune.masks import lowest_k, topk_mask
@@ -108,8 +108,7 @@ def _check(sparsity, update_every, end_step, drop_fraction, distribution):
   if not _tree.is_traced(sparsity) and not 0.0 <= float(sparsity) < 1.0:
     raise ValueError(f"sparsity must be in [0, 1), got {float(sparsity)}.")
   for name, v in (("update_every", update_every), ("end_step", end_step)):
-    if isinstance(v, bool) or (isinstance(v, (int, np.integer)) and v < 1):
-      raise ValueError(f"{name} must be an int >= 1, got {v!r}.")
+    _util.check_step_count(name, v)
   if allocation.is_scalar(drop_fraction) and not _tree.is_traced(drop_fraction):
     if not 0.0 <= float(drop_fraction) <= 1.0:
       raise ValueError(f"drop_fraction must be in [0, 1], got {float(drop_fraction)}.")
@@ -191,7 +190,10 @@ def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop
       raise ValueError(_util.NO_PARAMS_MSG)
     _, chosen, _ = _util.selection(params, where)
     count = state.count
-    masks, grown = new_topology(state.masks, params, updates, count, frac(count),
+    f = jnp.asarray(frac(count), jnp.float32)
+    _checks.check(~_checks.is_fraction(f), lambda v, c: (
+        f"drop_fraction {float(v)} at step {int(c)} is outside [0, 1]."), f, count)
+    masks, grown = new_topology(state.masks, params, updates, count, f,
                                 jax.random.fold_in(grow_key, count),
                                 jnp.asarray(update_every, jnp.int32),
                                 jnp.asarray(end_step, jnp.int32))

@@ -15,6 +15,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import _floats
 
 
 def _norm_axis(axis: int, ndim: int, path: str, what: str) -> int:
@@ -63,16 +66,11 @@ class Channels:
     return shape[self.axis % len(shape)]
 
   def unit_scores(self, scores: jax.Array) -> jax.Array:
+    # Scaled by a power of two per channel before squaring or summing, and back, exactly: no
+    # underflow for tiny weights, no overflow for huge ones (see jaxprune/_floats.py).
     ax = self.axis % scores.ndim
     others = tuple(i for i in range(scores.ndim) if i != ax)
-    s = scores.astype(jnp.float32)
-    if self.reduce == "l2":
-      return jnp.sqrt(jnp.sum(jnp.square(s), axis=others))
-    if self.reduce == "l1":
-      return jnp.sum(jnp.abs(s), axis=others)
-    if self.reduce == "mean":
-      return jnp.mean(s, axis=others)
-    return jnp.max(s, axis=others)
+    return _floats.unit_reduce(scores, others, self.reduce).reshape(scores.shape[ax])
 
   def expand(self, keep: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     ax = self.axis % len(shape)
@@ -84,6 +82,13 @@ class Channels:
 class Blocks:
   """Rectangular blocks over the last ``len(shape)`` axes are units (scored by their L2 norm)."""
   shape: tuple[int, ...] = (4, 4)
+
+  def __post_init__(self):
+    b = self.shape
+    if not isinstance(b, tuple) or not b or not all(
+        isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1 for k in b):
+      raise ValueError(f"blocks(shape) needs a non-empty tuple of ints >= 1 (one block size "
+                       f"per trailing axis, e.g. (4, 4)), got {b!r}.")
 
   def validate(self, path: str, shape: tuple[int, ...]) -> None:
     b = self.shape
@@ -107,9 +112,10 @@ class Blocks:
 
   def unit_scores(self, scores: jax.Array) -> jax.Array:
     lead, split = self._split(scores.shape)
-    s = scores.astype(jnp.float32).reshape(lead + split)
     inner = tuple(len(lead) + 2 * i + 1 for i in range(len(self.shape)))
-    return jnp.sqrt(jnp.sum(jnp.square(s), axis=inner))
+    # The L2 norm of each block, without under- or overflow (see jaxprune/_floats.py).
+    norms = _floats.unit_reduce(scores.reshape(lead + split), inner, "l2")
+    return norms.reshape(lead + tuple(split[0::2]))
 
   def expand(self, keep: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     lead, split = self._split(shape)
@@ -158,6 +164,21 @@ class PerOutput:
 
 Structure = Unstructured | Channels | Blocks | NOfM | PerOutput
 
+_STRUCTURES = (Unstructured, Channels, Blocks, NOfM, PerOutput)
+
+
+def check_structure(structure) -> None:
+  """Raises ``ValueError`` unless ``structure`` is one of the structures of this module."""
+  if isinstance(structure, _STRUCTURES):
+    return
+  hint = ""
+  if isinstance(structure, str):
+    hint = (f" For the string {structure!r}: 'N:M' is jp.n_of_m(N, M), 'HxW' is "
+            "jp.blocks((H, W)), and 'channels' is jp.channels().")
+  raise ValueError("structure must be jp.unstructured(), jp.n_of_m(n, m), jp.blocks(shape), "
+                   f"jp.channels() or jp.per_output(), got {structure!r} "
+                   f"({type(structure).__name__}).{hint}")
+
 
 def unstructured() -> Unstructured:
   """Each weight is pruned on its own.
@@ -175,6 +196,11 @@ def n_of_m(n: int, m: int, axis: int = -2) -> NOfM:
   """N:M semi-structured sparsity: in each group of ``m`` consecutive weights along ``axis``
   (default ``-2``, the input axis of Flax ``Dense``/``Conv`` kernels, i.e. the contraction axis),
   exactly ``n`` are kept. The sparsity is ``1 - n/m``; pass that (or 0 for no pruning).
+
+  Any other sparsity is an error, a traced one too (a schedule's value: it raises when the
+  program runs). So a gradual ramp (``polynomial_schedule``) with ``n_of_m`` fails at its
+  first value between 0 and ``1 - n/m`` instead of jumping to ``1 - n/m``; reach N:M with a
+  schedule that jumps, e.g. ``jp.one_shot_schedule(1 - n/m, at_step)``.
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune as jp
@@ -198,6 +224,8 @@ def blocks(shape: tuple[int, ...] = (4, 4)) -> Blocks:
     >>> jp.topk_mask({"w": w}, 0.5, structure=jp.blocks((2, 2)))["w"][0]
     Array([False, False,  True,  True], dtype=bool)
   """
+  if not isinstance(shape, (tuple, list)):
+    raise ValueError(f"blocks(shape) needs a non-empty tuple of ints >= 1, got {shape!r}.")
   return Blocks(tuple(shape))
 
 

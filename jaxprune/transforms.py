@@ -26,6 +26,21 @@ at every update step (pruned weights can come back): apply them in the forward p
 :func:`apply_masks_straight_through`, so that the pruned weights still receive (dense)
 gradients.
 
+**Non-finite params.** ``p + (-p)`` is NaN when ``p`` is ``inf`` or NaN, so a weight that is
+non-finite when it is pruned stays NaN (masked: ``jp.apply_masks`` still zeroes it). The masks
+stay exact: surviving weights with NaN scores are pruned right after the already-pruned ones,
+so no step prunes more than ``round(s·n)``. To keep params finite, so that every pruned
+weight is exactly 0, skip non-finite steps with ``optax.apply_if_finite`` around the whole
+chain (it leaves params and the pruning state unchanged on such a step)::
+
+    tx = optax.apply_if_finite(optax.chain(optax.adam(1e-3), jp.magnitude_pruning(schedule)),
+                               max_consecutive_errors=5)
+
+A traced sparsity (a schedule's value, an ``inject_hyperparams`` hyperparameter) that is NaN or
+outside [0, 1], or that :func:`jaxprune.n_of_m` cannot give (a gradual ramp passes through
+such values: use a schedule that jumps, e.g. :func:`jaxprune.one_shot_schedule`), raises when
+the step runs: a ``jax.errors.JaxRuntimeError`` carrying the ``ValueError`` message.
+
 State is a :class:`PruningState` NamedTuple of fixed structure; :func:`masks_from_state` finds
 the masks in any nested optax state and :func:`replace_masks` puts masks into one.
 """
@@ -46,7 +61,7 @@ from jaxprune import _tree, stacking
 from jaxprune._typing import KeyLike, Masks, Params, Where
 from jaxprune.masks import topk_mask
 from jaxprune.scores import magnitude_scores, movement_scores, random_scores, saliency_scores
-from jaxprune.structure import Structure
+from jaxprune.structure import Blocks, Channels, Structure
 
 __all__ = [
     "PruningState", "pruning", "magnitude_pruning", "random_pruning", "saliency_pruning",
@@ -66,12 +81,24 @@ class PruningState(NamedTuple):
   inner_state: optax.OptState  # the wrapped optimizer's state, or optax.EmptyState().
 
 
-def _nan_pruned(scores, masks, chosen):
-  """Scores with already-pruned weights set to NaN: pruned first, so masks only shrink."""
+def _nan_pruned(scores, masks, chosen, structure=None):
+  """Scores with already-pruned weights set to NaN: pruned first, so masks only shrink.
+
+  A surviving weight whose score is NaN (non-finite training) would tie with them and could
+  push one of them out of the pruned set, so that the AND with the old masks pruned more than
+  ``round(s·n)``. Its score becomes ``-inf`` instead: below every number, above the pruned. For
+  channels and blocks it becomes 0, the least an element adds to a channel's norm (``-inf``
+  would make the norm ``inf``).
+  """
+  units = isinstance(structure, (Channels, Blocks))
   treedef = jax.tree.structure(scores)
   m_leaves = treedef.flatten_up_to(masks)
-  out = [jnp.where(m, s, jnp.full((), jnp.nan, s.dtype)) if c else s
-         for m, s, c in zip(m_leaves, jax.tree.leaves(scores), chosen, strict=True)]
+  out = []
+  for m, s, c in zip(m_leaves, jax.tree.leaves(scores), chosen, strict=True):
+    if c:
+      live_nan = jnp.zeros((), s.dtype) if units else jnp.full((), -jnp.inf, s.dtype)
+      s = jnp.where(m, jnp.where(jnp.isnan(s), live_nan, s), jnp.full((), jnp.nan, s.dtype))
+    out.append(s)
   return jax.tree.unflatten(treedef, out)
 
 
@@ -120,7 +147,7 @@ def _masks_fn(score_fn, structure, scope, distribution, where, accumulate, strai
     def recompute(masks):
       scores = _score_with(acc, params, chosen) if accumulate else step_scores()
       if not straight_through:
-        scores = _nan_pruned(scores, masks, chosen)
+        scores = _nan_pruned(scores, masks, chosen, structure)
       alloc = _util.allocate(params, s, distribution, where_p, stacked)
       new = topk_mask(scores, alloc, structure=structure, scope=scope, where=where_p,
                       stacked=stacked)
@@ -199,7 +226,7 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
            [ 2.9,  0. ]], dtype=float32)
   """
   sched = _util.as_schedule(sparsity)
-  _util.check_options(scope, distribution, update_every)
+  _util.check_options(scope, distribution, update_every, structure)
   base_key = _util.as_key(key)
   where = stacking.where_for(where, stacked)  # stacked: the default rule judges each layer
 

@@ -30,12 +30,6 @@ def count_many(arrays, predicates, group_axes, *, per_array=False):
   return per if per_array else functools.reduce(jnp.add, per)
 
 
-def count_below(arrays, thresholds, group_axes, *, per_array=False):
-  """For each threshold ``t_j``: how many elements are ``< t_j``, in one pass."""
-  return count_many(arrays, [lambda a, t=t: a < t for t in thresholds], group_axes,
-                    per_array=per_array)
-
-
 def add_counts(per, per_array=False):
   """Sums per-leaf counts (the unsharded ``combine`` of :func:`radix.threshold`)."""
   return per if per_array else functools.reduce(jnp.add, per)
@@ -46,3 +40,11 @@ def group_shape(arrays, group_axes) -> tuple[int, ...]:
   if group_axes is None:
     return ()
   return tuple(1 if i in group_axes else n for i, n in enumerate(arrays[0].shape))
+
+
+def opaque(arrays, token):
+  """``arrays`` behind an optimization barrier tied to ``token``, a value that changes at every
+  pass of a loop. What a pass computes from them (the order keys) is then not loop-invariant to
+  XLA, which would otherwise hoist it out of the loop and materialize it: a uint32 copy of every
+  leaf, held in the loop state. The barrier itself is an identity and copies nothing."""
+  return lax.optimization_barrier((arrays, token))[0]

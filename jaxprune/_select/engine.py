@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -19,15 +18,13 @@ def lowest(arrays: list[jax.Array], k, group_axes=None) -> list[jax.Array]:
   ``group_axes`` of a single array). NaN is lowest; ties go by leaf order, then row-major index.
   """
   ftype, bits = keys_lib.compare_dtype(arrays)
-  arrays = [a.astype(ftype) for a in arrays]
-  n_all = sum(a.size for a in arrays) if group_axes is None else math.prod(
-      arrays[0].shape[i] for i in group_axes)
+  arrays = [keys_lib.exact_cast(a, ftype) for a in arrays]
   k = jnp.asarray(k, jnp.int32)
   on_mesh = sharded.mesh_axes(arrays) if group_axes is None else None
   if on_mesh is None:
-    thresh, per_leaf = radix.threshold(arrays, k, group_axes, n_all, counts_lib.add_counts)
+    thresh, per_leaf = radix.threshold(arrays, k, group_axes, counts_lib.add_counts)
   else:
-    thresh, per_leaf = sharded.threshold_sharded(arrays, k, n_all, *on_mesh)
+    thresh, per_leaf = sharded.threshold_sharded(arrays, k, *on_mesh)
   below_of, at_of = keys_lib.below_and_at(thresh, ftype, bits)
   counts = functools.reduce(jnp.add, per_leaf)
   n_below, n_at = counts[..., 0], counts[..., 1]

@@ -34,29 +34,27 @@ def radix_select(count_below, k, bits, udt, prefix_shape):
   return lax.fori_loop(0, bits // RADIX_BITS, one_pass, jnp.zeros(prefix_shape, udt))
 
 
-def threshold(arrays, k, group_axes, n_all, combine):
-  """The radix select over the float order keys: the threshold key and, per array, the counts
+def threshold(arrays, k, group_axes, combine):
+  """The radix select over the order keys: the threshold key and, per array, the counts
   ``[n_below, n_at]`` of scores below and at it. ``combine(per_array_counts, per_array=False)``
   sums the arrays' counts (or, with ``per_array``, returns them, one per array): a plain sum
   here (:func:`counts.add_counts`), a sum of the local shards' counts and one ``psum`` in
   :func:`sharded.threshold_sharded`.
+
+  Every count compares integer keys (``keys.signed_keys``, recomputed inside each fused pass), so
+  the select is exact on the score type's total order: NaN lowest, ``-0.0 == +0.0``,
+  subnormals distinct from 0 (a float compare on XLA:CPU flushes them), float64 in 64 bits.
   """
   ftype, bits = keys_lib.compare_dtype(arrays)
-  udt, _, neg_inf_key, pos_inf_key = keys_lib.key_constants(ftype, bits)
+  udt = keys_lib.key_constants(ftype, bits)[0]
   gshape = counts_lib.group_shape(arrays, group_axes)
-  # Two forms of the NaN count (XLA cannot tell they are equal), both used: a single-output
-  # reduce would not fuse on XLA:CPU and would write an int32 copy of every leaf first.
-  nans = combine(counts_lib.count_many(arrays, [jnp.isnan, lambda a: ~(a >= -jnp.inf)],
-                                       group_axes, per_array=True))
-  n_nan = jnp.minimum(nans[..., 0], nans[..., 1])
 
   def count_below(cands):
-    below = combine(counts_lib.count_below(
-        arrays, [keys_lib.decode(c, ftype, bits) for c in cands], group_axes, per_array=True))
-    c = jnp.stack(cands, axis=-1)
-    nan_col = n_nan.reshape(n_nan.shape + (1,))
-    return jnp.where(c == 0, 0, jnp.where(c <= neg_inf_key, nan_col,
-                                          jnp.where(c > pos_inf_key, n_all, nan_col + below)))
+    live = counts_lib.opaque(arrays, cands[1])
+    return combine(counts_lib.count_many(
+        live, [lambda a, c=c: keys_lib.signed_keys(a, ftype, bits) < c
+               for c in (keys_lib.as_signed(c, bits) for c in cands)],
+        group_axes, per_array=True))
 
   thresh = radix_select(count_below, jnp.maximum(k, 1), bits, udt, gshape)
   below_of, at_of = keys_lib.below_and_at(thresh, ftype, bits)

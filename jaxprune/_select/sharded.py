@@ -32,7 +32,7 @@ def mesh_axes(arrays):
   return None if mesh is None else (mesh, axes)
 
 
-def threshold_sharded(arrays, k, n_all, mesh, axes):
+def threshold_sharded(arrays, k, mesh, axes):
   """:func:`radix.threshold` inside ``shard_map`` over the arrays' mesh axes: each device counts
   its shards of all arrays, sums them, and ONE ``psum`` per radix pass combines the devices (XLA
   would partition every array's count separately: one collective per count, array and pass).
@@ -56,7 +56,7 @@ def threshold_sharded(arrays, k, n_all, mesh, axes):
         return lax.psum(jnp.stack(per), names)
       return lax.psum(functools.reduce(jnp.add, per), names)
 
-    return radix.threshold(list(shards), k, None, n_all, combine)
+    return radix.threshold(list(shards), k, None, combine)
 
   thresh, per_leaf = jax.shard_map(
       local, mesh=mesh, in_specs=(P(), *specs), out_specs=(P(), P()), axis_names=set(names),

@@ -80,7 +80,8 @@ def first_ties(a: jax.Array, at_of, take, axes) -> jax.Array:
 
   def count_below(cands):
     return counts_lib.count_many(
-        [a], [lambda x, c=c: at_of(x) & index_below(x.shape, axes, c) for c in cands],
+        counts_lib.opaque([a], cands[1]),
+        [lambda x, c=c: at_of(x) & index_below(x.shape, axes, c) for c in cands],
         group_axes)
 
   last = radix.radix_select(count_below, take, bits, jnp.uint32, gshape)
