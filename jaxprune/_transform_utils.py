@@ -1,16 +1,33 @@
 """Helpers shared by the training-time transforms (:mod:`jaxprune.transforms`,
-:mod:`jaxprune.sparse_training`): option checks, leaf selection, and the ``where(mask, u, -p)``
-that makes ``optax.apply_updates`` land pruned weights on exactly 0. Private: not part of the API.
+:mod:`jaxprune.sparse_training`): option checks, leaf selection, the ``where(mask, u, -p)``
+that makes ``optax.apply_updates`` land pruned weights on exactly 0, and the check that it did.
+Private: not part of the API.
+
+**The misplacement check.** A transform applied *after* a pruning transform (a link followed by
+``clip_by_global_norm`` or ``reduce_on_plateau``, a link placed first in the chain,
+``optax.lookahead``'s sync) changes the ``-p`` that zeroes a pruned weight, and the model
+silently stays dense. So at the next update, the transform checks that every weight its
+previous masks pruned is exactly 0 in the params it receives. The check is one fused variadic
+reduction per prunable leaf (no intermediate of a leaf's size), and runs only inside the
+conditional the transform already has: on mask-update steps, at step 1 (the first step that can
+see step 0's masks applied) and at ``end_step`` — never on the other steps, which cost nothing
+more. When it fails it raises through ``jax.debug.callback`` (inside a ``lax.cond`` on the
+failure, so a passing check calls nothing on the host): under ``jax.jit`` on CPU, GPU and TPU
+the error surfaces as a ``jax.errors.JaxRuntimeError`` carrying the message, which names the
+leaf, the step and the fix. Misuse is a property of the optimizer, present from the first
+steps, so a check on these steps finds it.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxprune import _tree, allocation
+from jaxprune._select.counts import count_many
 
 NO_PARAMS_MSG = ("This pruning transform needs the params: call tx.update(updates, state, params) "
                  "(optax.apply_updates lands pruned weights on 0 by emitting -params).")
@@ -113,3 +130,68 @@ def check_options(scope: str, distribution: str, update_every) -> None:
   if isinstance(update_every, bool) or (
       isinstance(update_every, (int, np.integer)) and update_every < 1):
     raise ValueError(f"update_every must be an int >= 1, got {update_every!r}.")
+
+
+# ----------------------------------------------------------------------------- misplacement check
+
+MISPLACED_FIX = (
+    "The transform lands pruned weights on exactly 0 by emitting where(mask, u, -params), so "
+    "something changed its update after it: a transformation after it in optax.chain (e.g. "
+    "clip_by_global_norm, optax.contrib.reduce_on_plateau, a scale or schedule), the pruning "
+    "link placed first in the chain, optax.lookahead around it (its sync resets the fast "
+    "weights to the dense slow ones), or params changed outside the optimizer. Fix: make the "
+    "pruning transform wrap the whole optimizer, e.g. jp.magnitude_pruning(s, "
+    "inner_tx=optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))) (rigl and "
+    "set_training take inner_tx too), or put the link last in optax.chain; if you changed the "
+    "params yourself, apply jp.apply_masks(params, jp.masks_from_state(opt_state)) first.")
+
+
+def check_step(count, every, end):
+  """Whether this update checks the previous masks: update steps after 0, step 1, ``end``."""
+  return (count > 0) & (((count % every == 0) & (count < end)) | (count == 1) | (count == end))
+
+
+def nonzero_pruned(masks, params, chosen) -> tuple[jax.Array, jax.Array]:
+  """Per chosen leaf (in order): how many weights ``masks`` prune are nonzero in ``params``, and
+  how many it prunes; int32 vectors. One fused two-output reduction per leaf."""
+  treedef = jax.tree.structure(params)
+  bad, pruned = [], []
+  for m, p, c in zip(treedef.flatten_up_to(masks), jax.tree.leaves(params), chosen, strict=True):
+    if not c:
+      continue
+    if np.ndim(m) == 0:
+      bad.append(jnp.zeros((), jnp.int32))
+      pruned.append(jnp.zeros((), jnp.int32))
+      continue
+    counts = count_many(
+        [p], [lambda a, m=m: ~m & (a != 0), lambda a, m=m: ~m], None)
+    bad.append(counts[0])
+    pruned.append(counts[1])
+  if not bad:
+    return jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.int32)
+  return jnp.stack(bad), jnp.stack(pruned)
+
+
+def _raise_misplaced(name: str, paths: Sequence[str], bad, pruned, count) -> None:
+  bad = np.asarray(bad).reshape(-1, len(paths))       # leading axes: vmap, if any
+  pruned = np.asarray(pruned).reshape(-1, len(paths))
+  rows = np.flatnonzero(bad.any(axis=1))
+  if not len(rows):
+    return
+  r = rows[0]
+  leaves = np.flatnonzero(bad[r])
+  i = leaves[0]
+  more = f" (and {len(leaves) - 1} more leaves)" if len(leaves) > 1 else ""
+  step = int(np.asarray(count).reshape(-1)[r])
+  raise ValueError(
+      f"jaxprune.{name}: at step {step}, {int(bad[r, i])} of the {int(pruned[r, i])} weights of "
+      f"'{paths[i]}' that its masks prune are not 0 in the params{more}. {MISPLACED_FIX}")
+
+
+def raise_if_misplaced(name: str, paths: Sequence[str], bad, pruned, count) -> None:
+  """Raises (through a host callback, only when the check failed) the misplacement error."""
+  if not paths:
+    return
+  cb = lambda b, n, c: _raise_misplaced(name, tuple(paths), b, n, c)
+  lax.cond(jnp.any(bad > 0), lambda: jax.debug.callback(cb, bad, pruned, count),
+           lambda: None)

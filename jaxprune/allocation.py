@@ -56,12 +56,14 @@ def per_leaf_sparsities(sparsity: Sparsity, paths: list[str], leaves: list,
   """Resolves any accepted sparsity spec to one value per leaf (None for unselected leaves)."""
   if is_scalar(sparsity):
     return [check_fraction(sparsity, p) if c else None for p, c in zip(paths, chosen)]
+  # A tree of numbers like the params comes before a callable: an Equinox module (e.g. from
+  # erk_sparsities on an eqx.Module) is callable, but it is a tree here, never a function.
+  s_paths, values, _ = _tree.flatten(sparsity)
+  if s_paths == paths and not any(callable(v) for v in values):
+    return [check_fraction(v, p) if c else None for p, v, c in zip(paths, values, chosen)]
   if callable(sparsity) and not isinstance(sparsity, Mapping):
     return [check_fraction(sparsity(p, x), p) if c else None
             for p, x, c in zip(paths, leaves, chosen)]
-  if jax.tree.structure(sparsity) == treedef:
-    values = jax.tree.leaves(sparsity)
-    return [check_fraction(v, p) if c else None for p, v, c in zip(paths, values, chosen)]
   if isinstance(sparsity, Mapping) and all(isinstance(k, str) for k in sparsity):
     patterns = [(re.compile(k), k, v) for k, v in sparsity.items()]
     used = set()

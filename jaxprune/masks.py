@@ -20,6 +20,9 @@ from jaxprune import _select, _tree, allocation
 from jaxprune import structure as structure_lib
 from jaxprune._typing import Masks, Params, PyTree, Scores, Sparsity, Where
 from jaxprune.scores import magnitude_scores
+from jaxprune.tree import Layout
+
+LayoutLike = str | Layout | Callable[[str, Any], Layout] | None
 
 _MAX_UNITS = 2**31 - 1
 
@@ -90,24 +93,25 @@ def _keep_leaf(path, scores, s, st):
   return _select.shaped_like(st.expand(~_select.lowest([units], k)[0], scores.shape), scores)
 
 
-def _global_keep(paths, leaves, chosen, s, st):
-  if isinstance(st, (structure_lib.NOfM, structure_lib.PerOutput)):
-    raise ValueError(f"scope='global' does not apply to {type(st).__name__}: its count is fixed "
+def _global_keep(paths, leaves, chosen, s, sts):
+  if any(isinstance(st, (structure_lib.NOfM, structure_lib.PerOutput)) for st in sts.values()):
+    name = type(next(iter(sts.values()))).__name__
+    raise ValueError(f"scope='global' does not apply to {name}: its count is fixed "
                      "per group; use scope='layerwise'.")
   idx = [i for i, c in enumerate(chosen) if c]
-  units = [st.unit_scores(leaves[i]) for i in idx]
+  units = [sts[i].unit_scores(leaves[i]) for i in idx]
   total = sum(u.size for u in units)
   if total > _MAX_UNITS:
     raise ValueError(f"scope='global' counts with int32; {total} prunable units exceed 2**31-1.")
   k = allocation.num_to_prune(s, total)
   pruned = _select.lowest(units, k)
-  return {i: _select.shaped_like(st.expand(~p, leaves[i].shape), leaves[i])
+  return {i: _select.shaped_like(sts[i].expand(~p, leaves[i].shape), leaves[i])
           for i, p in zip(idx, pruned)}
 
 
 def topk_mask(scores: Scores, sparsity: Sparsity, *,
               structure: structure_lib.Structure | None = None, scope: str = "layerwise",
-              where: Where | None = None) -> Masks:
+              where: Where | None = None, layout: LayoutLike = None) -> Masks:
   """Keep-masks that remove the lowest-scoring fraction ``sparsity`` of each prunable leaf.
 
   Exactly ``round(s · n)`` units of each prunable leaf are removed (``scope="layerwise"``), or
@@ -124,9 +128,16 @@ def topk_mask(scores: Scores, sparsity: Sparsity, *,
       ``{path_regex: sparsity}`` or a callable ``(path, leaf) -> sparsity``
       (see :mod:`jaxprune.allocation`). With ``scope="global"`` it must be one number.
     structure: :func:`unstructured` (default), :func:`n_of_m`, :func:`blocks`,
-      :func:`channels` or :func:`per_output`.
+      :func:`channels` or :func:`per_output`. Made without an ``axis``, N:M runs along each
+      leaf's input axis and channels are its output units, from its layout.
     scope: ``"layerwise"`` or ``"global"``.
-    where: ``(path, leaf) -> bool`` choosing prunable leaves (default: floating, ``ndim >= 2``).
+    where: ``(path, leaf) -> bool`` choosing prunable leaves (default: floating, ``ndim >= 2``,
+      not a bias or norm scale; see :func:`jaxprune.tree.default_where`).
+    layout: which axes of each weight are input and output, for structures made without an
+      ``axis``: None (by the leaf's name: Flax ``kernel`` and Haiku ``w`` ``(..., in, out)``,
+      Equinox / PyTorch ``weight`` ``(out, in, ...)``), ``"flax"``, ``"haiku"``, ``"torch"``,
+      ``"equinox"``, a :class:`jaxprune.tree.Layout` or a callable ``(path, leaf) -> Layout``
+      (see :mod:`jaxprune.tree`). Static.
 
   Returns:
     A tree like ``scores``: a bool keep-mask of the leaf's shape for every prunable leaf and a
@@ -146,18 +157,21 @@ def topk_mask(scores: Scores, sparsity: Sparsity, *,
   """
   st = structure_lib.unstructured() if structure is None else structure
   paths, leaves, treedef, chosen = _tree.selected(scores, where, what="scores")
-  for p, x, c in zip(paths, leaves, chosen):
+  leaf_layout = _tree.layout_fn(layout)
+  sts = {}
+  for i, (p, x, c) in enumerate(zip(paths, leaves, chosen)):
     if c:
-      st.validate(p, tuple(x.shape))
+      sts[i] = structure_lib.for_leaf(st, leaf_layout(p, x))
+      sts[i].validate(p, tuple(x.shape))
   if scope == "global":
     if not allocation.is_scalar(sparsity):
       raise ValueError("scope='global' needs one sparsity (a number or 0-d array), got "
                        f"{type(sparsity).__name__}.")
     s = allocation.check_fraction(sparsity, "<global>")
-    keep = _global_keep(paths, leaves, chosen, s, st)
+    keep = _global_keep(paths, leaves, chosen, s, sts)
   elif scope == "layerwise":
     per_leaf = allocation.per_leaf_sparsities(sparsity, paths, leaves, treedef, chosen)
-    keep = {i: _keep_leaf(paths[i], leaves[i], per_leaf[i], st)
+    keep = {i: _keep_leaf(paths[i], leaves[i], per_leaf[i], sts[i])
             for i, c in enumerate(chosen) if c}
   else:
     raise ValueError(f"scope must be 'layerwise' or 'global', got {scope!r}.")
@@ -201,24 +215,26 @@ def apply_masks(params: Params, masks: Masks) -> Params:
   return jax.tree.unflatten(treedef, out)
 
 
-def _counted_for_sparsity(path, leaf):
-  is_mask = getattr(leaf, "dtype", None) == jnp.bool_ and np.ndim(leaf) >= 1
-  return is_mask or _tree.default_where(path, leaf)
+def _is_mask_leaf(leaf) -> bool:
+  return getattr(leaf, "dtype", None) == jnp.bool_ and np.ndim(leaf) >= 1
 
 
 def sparsity(tree: PyTree, *, where: Where | None = None) -> jax.Array:
   """The fraction of zeros (params) or of ``False`` (masks) among prunable leaves.
 
-  By default, bool leaves with ``ndim >= 1`` (masks) and floating leaves with ``ndim >= 2``
-  count; scalar masks (unpruned leaves) and biases do not. Jit-able; returns a float32 scalar.
+  By default, bool leaves with ``ndim >= 1`` (masks) and the leaves the default ``where``
+  selects (floating, ``ndim >= 2``, not biases or norm scales) count; scalar masks (unpruned
+  leaves) do not. Jit-able; returns a float32 scalar.
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune as jp
     >>> float(jp.sparsity({"w": jnp.array([[0., 1.], [0., 0.]]), "b": jnp.zeros(2)}))
     0.75
   """
-  paths, leaves, _, chosen = _tree.selected(tree, where or _counted_for_sparsity,
-                                            require_any=False, require_float=False)
+  paths, leaves, _, chosen = _tree.selected(tree, where, require_any=False,
+                                            require_float=False)
+  if where is None:
+    chosen = [c or _is_mask_leaf(x) for x, c in zip(leaves, chosen)]
   zeros, total = jnp.zeros((), jnp.float32), 0
   for x, c in zip(leaves, chosen):
     if c:
@@ -293,15 +309,16 @@ def summary(params: Params, masks: Masks | None = None, *,
 def prune(params: Params, sparsity: Sparsity, *,
           scores: Scores | Callable[..., Scores] = magnitude_scores,
           structure: structure_lib.Structure | None = None, scope: str = "layerwise",
-          where: Where | None = None) -> tuple[Params, Masks]:
+          where: Where | None = None, layout: LayoutLike = None) -> tuple[Params, Masks]:
   """One-shot pruning: ``masks = topk_mask(scores(params), sparsity, ...)``, then apply them.
 
   Args:
     params: a pytree of arrays.
     sparsity: as in :func:`topk_mask`.
-    scores: a tree of scores, or a callable ``(params, *, where) -> scores``
-      (default :func:`magnitude_scores`).
-    structure, scope, where: as in :func:`topk_mask`.
+    scores: a tree of scores like ``params``, or a callable ``(params, *, where) -> scores``
+      (default :func:`magnitude_scores`). A tree with the params' paths is a tree even when it
+      is callable (an ``eqx.Module``).
+    structure, scope, where, layout: as in :func:`topk_mask`.
 
   Returns:
     ``(pruned_params, masks)``.
@@ -313,6 +330,6 @@ def prune(params: Params, sparsity: Sparsity, *,
     Array([[0., 0., 0., 0.],
            [0., 0., 7., 8.]], dtype=float32)
   """
-  s = scores(params, where=where) if callable(scores) else scores
-  masks = topk_mask(s, sparsity, structure=structure, scope=scope, where=where)
+  s = scores(params, where=where) if _tree.is_function(scores, params) else scores
+  masks = topk_mask(s, sparsity, structure=structure, scope=scope, where=where, layout=layout)
   return apply_masks(params, masks), masks

@@ -120,10 +120,15 @@ def _check(sparsity, update_every, end_step, drop_fraction, distribution):
 @functools.lru_cache(maxsize=128)
 def _topology_fn(grow: str, where):
   """The jitted connectivity update of SET/RigL for one static configuration (cached, so that
-  eager training steps reuse one compilation; inlined inside a jitted step)."""
+  eager training steps reuse one compilation; inlined inside a jitted step). On check steps it
+  also checks that the previous masks' inactive weights are 0 in ``params`` (see
+  :mod:`jaxprune._transform_utils`)."""
+  name = "rigl" if grow == "gradient" else "set_training"
+
   @jax.jit
   def new_topology(masks, params, updates, count, f, key_t, every, t_end):
-    _, chosen, _ = _util.selection(params, where)
+    paths, chosen, _ = _util.selection(params, where)
+    chosen_paths = [p for p, c in zip(paths, chosen) if c]
     treedef = jax.tree.structure(params)
     is_update = (count > 0) & (count % every == 0) & (count < t_end)
 
@@ -159,7 +164,20 @@ def _topology_fn(grow: str, where):
               for m, c in zip(treedef.flatten_up_to(masks), chosen, strict=True)]
       return masks, jax.tree.unflatten(treedef, none)
 
-    return lax.cond(is_update, move, stay, masks)
+    def check(masks):
+      bad, pruned = _util.nonzero_pruned(masks, params, chosen)
+      _util.raise_if_misplaced(name, chosen_paths, bad, pruned, count)
+
+    def check_and_move(masks):
+      check(masks)
+      return move(masks)
+
+    def check_and_stay(masks):
+      check(masks)
+      return stay(masks)
+
+    branch = jnp.where(is_update, 2, jnp.where(_util.check_step(count, every, t_end), 1, 0))
+    return lax.switch(branch, [stay, check_and_stay, check_and_move], masks)
   return new_topology
 
 
