@@ -7,8 +7,9 @@ A jaxprune state is recognised by its fields, in either of the forms it takes:
   or any NamedTuple with ``count`` and ``masks``), wherever optax nests it: ``chain``,
   ``MultiSteps``, ``inject_hyperparams``, ``apply_if_finite``, ``lookahead``, ``masked``,
   ``multi_transform``, an ``nnx.Optimizer`` (itself a pytree) or its ``opt_state``;
-* a mapping with exactly those field names: ``nnx.state(optimizer)`` turns NamedTuples into
-  ``nnx.State`` dicts, and a checkpoint restored without a target gives plain dicts.
+* a mapping with ``count``, ``masks`` and no keys but those fields: ``nnx.state(optimizer)``
+  turns NamedTuples into ``nnx.State`` dicts (dropping empty fields), and a checkpoint restored
+  without a target gives plain dicts.
 
 Inside ``optax.masked`` (and so ``multi_transform``) a transform only sees some leaves: the
 others are ``optax.MaskedNode`` holes in its masks (in an ``nnx.Optimizer``, a ``Variable``
@@ -27,16 +28,18 @@ import optax
 
 from jaxprune import _tree
 
-# Field sets of jaxprune's own states, for their mapping form (nnx.State, restored dicts).
-_STATE_FIELDS = (frozenset({"count", "masks", "scores", "inner_state"}),   # PruningState
-                 frozenset({"count", "masks", "inner_state"}))             # SparseTrainingState
+# The fields of jaxprune's own states (PruningState; SparseTrainingState has no `scores`), for
+# their mapping form: nnx.State (which drops empty fields such as EmptyState), restored dicts.
+_STATE_FIELDS = frozenset({"count", "masks", "scores", "inner_state"})
 
 
 def is_pruning_state(x) -> bool:
   if isinstance(x, tuple) and "masks" in getattr(x, "_fields", ()) and "count" in x._fields:
     return True
-  return (isinstance(x, Mapping) and not _tree.is_variable(x)
-          and frozenset(map(str, x.keys())) in _STATE_FIELDS)
+  if not isinstance(x, Mapping) or _tree.is_variable(x):
+    return False
+  keys = {k for k in x.keys() if isinstance(k, str)}
+  return len(keys) == len(x) and {"count", "masks"} <= keys <= _STATE_FIELDS
 
 
 def _masks_of(state):

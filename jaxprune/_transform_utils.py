@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 
 from jaxprune import _tree, allocation
@@ -103,6 +104,23 @@ def enforce(masks, updates, params, chosen, override=None):
   return jax.tree.unflatten(treedef, out)
 
 
+def model_params(params):
+  """The params a pruning transform masks: an ``optax.LookaheadParams``' fast weights (its slow
+  weights get the same masks, see :func:`enforce_params`), else ``params``."""
+  return params.fast if isinstance(params, optax.LookaheadParams) else params
+
+
+def enforce_params(masks, updates, params, chosen, override=None):
+  """:func:`enforce` on ``params``; for ``optax.LookaheadParams`` (a transform wrapping
+  ``optax.lookahead``) on the fast and the slow weights alike, so both stay exactly 0 where the
+  masks prune and lookahead's sync (fast := slow) keeps the fast weights sparse."""
+  if isinstance(params, optax.LookaheadParams):
+    return optax.LookaheadParams(
+        fast=enforce(masks, updates.fast, params.fast, chosen, override),
+        slow=enforce(masks, updates.slow, params.slow, chosen, override))
+  return enforce(masks, updates, params, chosen, override)
+
+
 def mask_grads(masks, grads, chosen):
   """Zeroes the gradients of pruned weights (so inner optimizers see only surviving weights)."""
   treedef = jax.tree.structure(grads)
@@ -142,7 +160,8 @@ MISPLACED_FIX = (
     "weights to the dense slow ones), or params changed outside the optimizer. Fix: make the "
     "pruning transform wrap the whole optimizer, e.g. jp.magnitude_pruning(s, "
     "inner_tx=optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))) (rigl and "
-    "set_training take inner_tx too), or put the link last in optax.chain; if you changed the "
+    "set_training take inner_tx too; for lookahead, inner_tx=optax.lookahead(...), which prunes "
+    "the fast and slow weights alike), or put the link last in optax.chain; if you changed the "
     "params yourself, apply jp.apply_masks(params, jp.masks_from_state(opt_state)) first.")
 
 

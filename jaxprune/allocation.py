@@ -120,7 +120,7 @@ def erk_sparsities(params: Params, sparsity: float | jax.Array, *, where: Where 
   """
   check_fraction(sparsity, "<all>")
   paths, leaves, treedef, chosen = _tree.selected(params, where)
-  shapes = [tuple(x.shape) for x in leaves]
+  shapes = [tuple(np.shape(x)) for x in leaves]
   idx = [i for i, c in enumerate(chosen) if c]
   sizes = {i: math.prod(shapes[i]) for i in idx}
   raw = {i: (sum(shapes[i]) / sizes[i]) ** power_scale for i in idx}

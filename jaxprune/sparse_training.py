@@ -190,6 +190,7 @@ def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop
 
   def init_fn(params):
     inner_state = inner_tx.init(params)
+    params = _util.model_params(params)
     count = jnp.zeros([], jnp.int32)
     if _util.is_placeholder(params):
       return SparseTrainingState(count, jax.tree.map(lambda x: x, params), inner_state)
@@ -207,9 +208,10 @@ def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(_util.NO_PARAMS_MSG)
-    _, chosen, _ = _util.selection(params, where)
+    model = _util.model_params(params)
+    _, chosen, _ = _util.selection(model, where)
     count = state.count
-    masks, grown = new_topology(state.masks, params, updates, count, frac(count),
+    masks, grown = new_topology(state.masks, model, updates, count, frac(count),
                                 jax.random.fold_in(grow_key, count),
                                 jnp.asarray(update_every, jnp.int32),
                                 jnp.asarray(end_step, jnp.int32))
@@ -218,7 +220,7 @@ def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop
     inner_updates, inner_state = optax.with_extra_args_support(inner_tx).update(
         grads_in, state.inner_state, params, **extra_args)
     inner_state = reset_inner_state(inner_tx, inner_state, grown)
-    out = _util.enforce(masks, inner_updates, params, chosen, override=grown)
+    out = _util.enforce_params(masks, inner_updates, params, chosen, override=grown)
     return out, SparseTrainingState(optax.safe_increment(count), masks, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

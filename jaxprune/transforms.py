@@ -240,6 +240,7 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
 
   def init_fn(params):
     inner_state = inner_tx.init(params) if inner_tx is not None else optax.EmptyState()
+    params = _util.model_params(params)
     if _util.is_placeholder(params):
       masks = jax.tree.map(lambda x: x, params)
       scores = jax.tree.map(lambda x: x, params) if accumulate else optax.EmptyState()
@@ -261,9 +262,10 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(_util.NO_PARAMS_MSG)
-    _, chosen, _ = _util.selection(params, where)
+    model = _util.model_params(params)
+    _, chosen, _ = _util.selection(model, where)
     count = state.count
-    masks, acc = new_masks(updates, state.masks, state.scores, params, count, sched(count),
+    masks, acc = new_masks(updates, state.masks, state.scores, model, count, sched(count),
                            jax.random.fold_in(base_key, count),
                            jnp.asarray(update_every, jnp.int32),
                            jnp.asarray(_NEVER if end_step is None else end_step, jnp.int32))
@@ -273,7 +275,7 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
       updates, inner_state = optax.with_extra_args_support(inner_tx).update(
           grads_in, state.inner_state, params, **extra_args)
     if not straight_through:
-      updates = _util.enforce(masks, updates, params, chosen)
+      updates = _util.enforce_params(masks, updates, params, chosen)
     return updates, PruningState(optax.safe_increment(count), masks, acc, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -541,6 +543,8 @@ def apply_masks_straight_through(params: Params, masks: Masks) -> Params:
 
 
 # ----------------------------------------------------------------------------- state access
+
+_is_pruning_state = _state.is_pruning_state  # kept for callers of the old private name
 
 
 def masks_from_state(opt_state: Any) -> Masks:
