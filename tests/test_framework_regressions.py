@@ -144,6 +144,18 @@ def test_layout_overrides_per_call_and_per_tree():
   chex.assert_trees_all_equal(jp.masks_from_state(state).lin.weight, flax_like.lin.weight)
 
 
+def test_activation_scores_follow_the_layout():
+  """Wanda's input norms go along each weight's input axis: 1 for an Equinox (out, in) weight."""
+  params = {"lin": {"weight": jnp.ones((3, 2))}, "dense": {"kernel": jnp.ones((2, 3))}}
+  norms = {"lin": {"weight": jnp.array([2., 5.])}, "dense": {"kernel": jnp.array([2., 5.])}}
+  s = jp.activation_scores(params, norms)
+  np.testing.assert_array_equal(s["lin"]["weight"], [[2., 5.]] * 3)
+  np.testing.assert_array_equal(s["dense"]["kernel"], [[2.] * 3, [5.] * 3])
+  with pytest.raises(ValueError, match="input axis 1 of shape"):
+    jp.activation_scores(params, {"lin": {"weight": jnp.ones(3)}, "dense": {"kernel": norms[
+        "dense"]["kernel"]}})
+
+
 def test_layout_names():
   assert jp.tree.default_layout("blocks/0/kernel") == jp.tree.IN_OUT
   assert jp.tree.default_layout("mlp/~/linear_0/w") == jp.tree.IN_OUT
