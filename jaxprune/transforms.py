@@ -357,6 +357,7 @@ def magnitude_pruning(sparsity: optax.ScalarOrSchedule, *,
 
     The wrapper form, with clipping inside:
 
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
     >>> tx = jp.magnitude_pruning(0.5, inner_tx=optax.chain(optax.clip_by_global_norm(0.1),
     ...                                                     optax.sgd(1.0)))
     >>> state = tx.init(params)
@@ -584,12 +585,12 @@ def masks_from_state(opt_state: Any) -> Masks:
     ...                            {"a": "a", "b": "b"})
     >>> _, state = tx.update(params, tx.init(params), params)
     >>> print(jp.summary(params, jp.masks_from_state(state)))
-    path  shape   kept  total  sparsity
-    -----------------------------------
-    a     (2, 2)     2      4    0.5000
-    b     (3, 2)     6      6    0.0000
-    -----------------------------------
-    total            8     10    0.2000
+    path   shape   kept  total  sparsity
+    ------------------------------------
+    a      (2, 2)     2      4    0.5000
+    b      (3, 2)     6      6    0.0000
+    ------------------------------------
+    total             8     10    0.2000
   """
   return _state.masks_from_state(opt_state)
 
