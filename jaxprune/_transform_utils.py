@@ -1,17 +1,35 @@
 """Helpers shared by the training-time transforms (:mod:`jaxprune.transforms`,
-:mod:`jaxprune.sparse_training`): option checks, leaf selection, and the ``where(mask, u, -p)``
-that makes ``optax.apply_updates`` land pruned weights on exactly 0. Private: not part of the API.
+:mod:`jaxprune.sparse_training`): option checks, leaf selection, the ``where(mask, u, -p)``
+that makes ``optax.apply_updates`` land pruned weights on exactly 0, and the check that it did.
+Private: not part of the API.
+
+**The misplacement check.** A transform applied *after* a pruning transform (a link followed by
+``clip_by_global_norm`` or ``reduce_on_plateau``, a link placed first in the chain,
+``optax.lookahead``'s sync) changes the ``-p`` that zeroes a pruned weight, and the model
+silently stays dense. So at the next update, the transform checks that every weight its
+previous masks pruned is exactly 0 in the params it receives. The check is one fused variadic
+reduction per prunable leaf (no intermediate of a leaf's size), and runs only inside the
+conditional the transform already has: on mask-update steps, at step 1 (the first step that can
+see step 0's masks applied) and at ``end_step`` — never on the other steps, which cost nothing
+more. When it fails it raises through ``jax.debug.callback`` (inside a ``lax.cond`` on the
+failure, so a passing check calls nothing on the host): under ``jax.jit`` on CPU, GPU and TPU
+the error surfaces as a ``jax.errors.JaxRuntimeError`` carrying the message, which names the
+leaf, the step and the fix. Misuse is a property of the optimizer, present from the first
+steps, so a check on these steps finds it.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax import lax
 
 from jaxprune import _checks, _tree, allocation
 from jaxprune import structure as structure_lib
+from jaxprune._select.counts import count_many
 
 NO_PARAMS_MSG = ("This pruning transform needs the params: call tx.update(updates, state, params) "
                  "(optax.apply_updates lands pruned weights on 0 by emitting -params).")
@@ -99,6 +117,23 @@ def enforce(masks, updates, params, chosen, override=None):
   return jax.tree.unflatten(treedef, out)
 
 
+def model_params(params):
+  """The params a pruning transform masks: an ``optax.LookaheadParams``' fast weights (its slow
+  weights get the same masks, see :func:`enforce_params`), else ``params``."""
+  return params.fast if isinstance(params, optax.LookaheadParams) else params
+
+
+def enforce_params(masks, updates, params, chosen, override=None):
+  """:func:`enforce` on ``params``; for ``optax.LookaheadParams`` (a transform wrapping
+  ``optax.lookahead``) on the fast and the slow weights alike, so both stay exactly 0 where the
+  masks prune and lookahead's sync (fast := slow) keeps the fast weights sparse."""
+  if isinstance(params, optax.LookaheadParams):
+    return optax.LookaheadParams(
+        fast=enforce(masks, updates.fast, params.fast, chosen, override),
+        slow=enforce(masks, updates.slow, params.slow, chosen, override))
+  return enforce(masks, updates, params, chosen, override)
+
+
 def mask_grads(masks, grads, chosen):
   """Zeroes the gradients of pruned weights (so inner optimizers see only surviving weights)."""
   treedef = jax.tree.structure(grads)
@@ -138,3 +173,69 @@ def check_step_count(name: str, value) -> None:
     return
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{name} must be an int >= 1 (a number of steps), got {value!r}.")
+
+
+# ----------------------------------------------------------------------------- misplacement check
+
+MISPLACED_FIX = (
+    "The transform lands pruned weights on exactly 0 by emitting where(mask, u, -params), so "
+    "something changed its update after it: a transformation after it in optax.chain (e.g. "
+    "clip_by_global_norm, optax.contrib.reduce_on_plateau, a scale or schedule), the pruning "
+    "link placed first in the chain, optax.lookahead around it (its sync resets the fast "
+    "weights to the dense slow ones), or params changed outside the optimizer. Fix: make the "
+    "pruning transform wrap the whole optimizer, e.g. jp.magnitude_pruning(s, "
+    "inner_tx=optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))) (rigl and "
+    "set_training take inner_tx too; for lookahead, inner_tx=optax.lookahead(...), which prunes "
+    "the fast and slow weights alike), or put the link last in optax.chain; if you changed the "
+    "params yourself, apply jp.apply_masks(params, jp.masks_from_state(opt_state)) first.")
+
+
+def check_step(count, every, end):
+  """Whether this update checks the previous masks: update steps after 0, step 1, ``end``."""
+  return (count > 0) & (((count % every == 0) & (count < end)) | (count == 1) | (count == end))
+
+
+def nonzero_pruned(masks, params, chosen) -> tuple[jax.Array, jax.Array]:
+  """Per chosen leaf (in order): how many weights ``masks`` prune are nonzero in ``params``, and
+  how many it prunes; int32 vectors. One fused two-output reduction per leaf."""
+  treedef = jax.tree.structure(params)
+  bad, pruned = [], []
+  for m, p, c in zip(treedef.flatten_up_to(masks), jax.tree.leaves(params), chosen, strict=True):
+    if not c:
+      continue
+    if np.ndim(m) == 0:
+      bad.append(jnp.zeros((), jnp.int32))
+      pruned.append(jnp.zeros((), jnp.int32))
+      continue
+    counts = count_many(
+        [p], [lambda a, m=m: ~m & (a != 0), lambda a, m=m: ~m], None)
+    bad.append(counts[0])
+    pruned.append(counts[1])
+  if not bad:
+    return jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.int32)
+  return jnp.stack(bad), jnp.stack(pruned)
+
+
+def _raise_misplaced(name: str, paths: Sequence[str], bad, pruned, count) -> None:
+  bad = np.asarray(bad).reshape(-1, len(paths))       # leading axes: vmap, if any
+  pruned = np.asarray(pruned).reshape(-1, len(paths))
+  rows = np.flatnonzero(bad.any(axis=1))
+  if not len(rows):
+    return
+  r = rows[0]
+  leaves = np.flatnonzero(bad[r])
+  i = leaves[0]
+  more = f" (and {len(leaves) - 1} more leaves)" if len(leaves) > 1 else ""
+  step = int(np.asarray(count).reshape(-1)[r])
+  raise ValueError(
+      f"jaxprune.{name}: at step {step}, {int(bad[r, i])} of the {int(pruned[r, i])} weights of "
+      f"'{paths[i]}' that its masks prune are not 0 in the params{more}. {MISPLACED_FIX}")
+
+
+def raise_if_misplaced(name: str, paths: Sequence[str], bad, pruned, count) -> None:
+  """Raises (through a host callback, only when the check failed) the misplacement error."""
+  if not paths:
+    return
+  cb = lambda b, n, c: _raise_misplaced(name, tuple(paths), b, n, c)
+  lax.cond(jnp.any(bad > 0), lambda: jax.debug.callback(cb, bad, pruned, count),
+           lambda: None)

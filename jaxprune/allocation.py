@@ -102,12 +102,14 @@ def _resolve(sparsity, paths, leaves, treedef, chosen, deferred):
   if isinstance(sparsity, (jax.Array, np.ndarray)):
     raise ValueError("sparsity must be a number or a 0-d array (or a tree, dict or callable "
                      f"of them), got an array of shape {np.shape(sparsity)}.")
+  # A tree of numbers like the params comes before a callable: an Equinox module (e.g. from
+  # erk_sparsities on an eqx.Module) is callable, but it is a tree here, never a function.
+  s_paths, values, _ = _tree.flatten(sparsity)
+  if s_paths == paths and not any(callable(v) for v in values):
+    return [check(v, p) if c else None for p, v, c in zip(paths, values, chosen)]
   if callable(sparsity) and not isinstance(sparsity, Mapping):
     return [check(sparsity(p, x), p) if c else None
             for p, x, c in zip(paths, leaves, chosen)]
-  if jax.tree.structure(sparsity) == treedef:
-    values = jax.tree.leaves(sparsity)
-    return [check(v, p) if c else None for p, v, c in zip(paths, values, chosen)]
   if isinstance(sparsity, Mapping) and all(isinstance(k, str) for k in sparsity):
     patterns = [(_compile_pattern(k), k, v) for k, v in sparsity.items()]
     used = set()
@@ -168,7 +170,7 @@ def erk_sparsities(params: Params, sparsity: float | jax.Array, *, where: Where 
   """
   check_fraction(sparsity, "<all>")
   paths, leaves, treedef, chosen = _tree.selected(params, stacking.where_for(where, stacked))
-  shapes = [tuple(x.shape) for x in leaves]
+  shapes = [tuple(np.shape(x)) for x in leaves]
   # A leaf without elements (a zero in its shape) has nothing to prune: sparsity 0.0.
   idx = [i for i, c in enumerate(chosen) if c and math.prod(shapes[i]) > 0]
   sizes = {i: math.prod(shapes[i]) for i in idx}

@@ -20,6 +20,9 @@ from jaxprune import _checks, _select, _tree, allocation, stacking
 from jaxprune import structure as structure_lib
 from jaxprune._typing import Masks, Params, PyTree, Scores, Sparsity, Where
 from jaxprune.scores import magnitude_scores
+from jaxprune.tree import Layout
+
+LayoutLike = str | Layout | Callable[[str, Any], Layout] | None
 
 _MAX_UNITS = 2**31 - 1
 
@@ -149,16 +152,17 @@ def _stacked_expand(keep_units, st, sl, ax):
   return jax.vmap(lambda m: st.expand(m, sl), in_axes=0, out_axes=ax)(keep_units)
 
 
-def _global_keep(paths, leaves, chosen, s, st, axes=None):
-  if isinstance(st, (structure_lib.NOfM, structure_lib.PerOutput)):
-    raise ValueError(f"scope='global' does not apply to {type(st).__name__}: its count is fixed "
+def _global_keep(paths, leaves, chosen, s, sts, axes=None):
+  if any(isinstance(st, (structure_lib.NOfM, structure_lib.PerOutput)) for st in sts.values()):
+    name = type(next(iter(sts.values()))).__name__
+    raise ValueError(f"scope='global' does not apply to {name}: its count is fixed "
                      "per group; use scope='layerwise'.")
   idx = [i for i, c in enumerate(chosen) if c]
   axes = [None] * len(leaves) if axes is None else axes
   # Stacked leaves: units never span two layers (unstructured units are the weights anyway).
-  by_slice = [axes[i] is not None and not isinstance(st, structure_lib.Unstructured)
+  by_slice = [axes[i] is not None and not isinstance(sts[i], structure_lib.Unstructured)
               for i in idx]
-  units = [_stacked_units(leaves[i], st, axes[i]) if b else st.unit_scores(leaves[i])
+  units = [_stacked_units(leaves[i], sts[i], axes[i]) if b else sts[i].unit_scores(leaves[i])
            for i, b in zip(idx, by_slice)]
   total = sum(u.size for u in units)
   if total > _MAX_UNITS:
@@ -166,14 +170,15 @@ def _global_keep(paths, leaves, chosen, s, st, axes=None):
   k = allocation.num_to_prune(s, total)
   pruned = _select.lowest(units, k)
   return {i: _select.shaped_like(
-      _stacked_expand(~p, st, stacking.slice_shape(leaves[i].shape, axes[i]), axes[i]) if b
-      else st.expand(~p, leaves[i].shape), leaves[i])
+      _stacked_expand(~p, sts[i], stacking.slice_shape(leaves[i].shape, axes[i]), axes[i]) if b
+      else sts[i].expand(~p, leaves[i].shape), leaves[i])
           for i, p, b in zip(idx, pruned, by_slice)}
 
 
 def topk_mask(scores: Scores, sparsity: Sparsity, *,
               structure: structure_lib.Structure | None = None, scope: str = "layerwise",
-              where: Where | None = None, stacked: stacking.Stacked = None) -> Masks:
+              where: Where | None = None, stacked: stacking.Stacked = None,
+              layout: LayoutLike = None) -> Masks:
   """Keep-masks that remove the lowest-scoring fraction ``sparsity`` of each prunable leaf.
 
   Exactly ``round(s · n)`` units of each prunable leaf are removed (``scope="layerwise"``), or
@@ -190,14 +195,21 @@ def topk_mask(scores: Scores, sparsity: Sparsity, *,
       ``{path_regex: sparsity}`` or a callable ``(path, leaf) -> sparsity``
       (see :mod:`jaxprune.allocation`). With ``scope="global"`` it must be one number.
     structure: :func:`unstructured` (default), :func:`n_of_m`, :func:`blocks`,
-      :func:`channels` or :func:`per_output`.
+      :func:`channels` or :func:`per_output`. Made without an ``axis``, N:M runs along each
+      leaf's input axis and channels are its output units, from its layout.
     scope: ``"layerwise"`` or ``"global"``.
-    where: ``(path, leaf) -> bool`` choosing prunable leaves (default: floating, ``ndim >= 2``).
+    where: ``(path, leaf) -> bool`` choosing prunable leaves (default: floating, ``ndim >= 2``,
+      not a bias or norm scale; see :func:`jaxprune.tree.default_where`).
     stacked: the layer axis of leaves that stack several layers (``nnx.scan``): an int, a dict
       ``{path_regex: axis}`` or a callable ``(path, leaf) -> axis or None`` (see
       :mod:`jaxprune.stacking`). Each slice along it is its own layer: layerwise, each slice
       loses exactly ``round(s·n_slice)`` units, and structure axes count in a slice's
       dimensions. A leaf's sparsity applies to each of its slices.
+    layout: which axes of each weight are input and output, for structures made without an
+      ``axis``: None (by the leaf's name: Flax ``kernel`` and Haiku ``w`` ``(..., in, out)``,
+      Equinox / PyTorch ``weight`` ``(out, in, ...)``), ``"flax"``, ``"haiku"``, ``"torch"``,
+      ``"equinox"``, a :class:`jaxprune.tree.Layout` or a callable ``(path, leaf) -> Layout``
+      (see :mod:`jaxprune.tree`). Static.
 
   Returns:
     A tree like ``scores``: a bool keep-mask of the leaf's shape for every prunable leaf and a
@@ -229,19 +241,22 @@ def topk_mask(scores: Scores, sparsity: Sparsity, *,
   where = stacking.where_for(where, stacked)
   paths, leaves, treedef, chosen = _tree.selected(scores, where, what="scores")
   axes = stacking.resolve(stacked, paths, leaves, chosen)
-  for p, x, c, a in zip(paths, leaves, chosen, axes):
+  leaf_layout = _tree.layout_fn(layout)
+  sts = {}
+  for i, (p, x, c, a) in enumerate(zip(paths, leaves, chosen, axes)):
     if c:
-      st.validate(p, stacking.slice_shape(x.shape, a))
+      sts[i] = structure_lib.for_leaf(st, leaf_layout(p, x))
+      sts[i].validate(p, stacking.slice_shape(x.shape, a))
   if scope == "global":
     if not allocation.is_scalar(sparsity):
       raise ValueError("scope='global' needs one sparsity (a number or 0-d array), got "
                        f"{type(sparsity).__name__}.")
     s = allocation.check_fraction(sparsity, "<global>")
-    keep = _global_keep(paths, leaves, chosen, s, st, axes)
+    keep = _global_keep(paths, leaves, chosen, s, sts, axes)
   elif scope == "layerwise":
     per_leaf = allocation.per_leaf_sparsities(sparsity, paths, leaves, treedef, chosen)
-    keep = {i: _keep_leaf(paths[i], leaves[i], per_leaf[i], st) if axes[i] is None
-            else _keep_stacked(paths[i], leaves[i], per_leaf[i], st, axes[i])
+    keep = {i: _keep_leaf(paths[i], leaves[i], per_leaf[i], sts[i]) if axes[i] is None
+            else _keep_stacked(paths[i], leaves[i], per_leaf[i], sts[i], axes[i])
             for i, c in enumerate(chosen) if c}
   else:
     raise ValueError(f"scope must be 'layerwise' or 'global', got {scope!r}.")
@@ -285,24 +300,26 @@ def apply_masks(params: Params, masks: Masks) -> Params:
   return jax.tree.unflatten(treedef, out)
 
 
-def _counted_for_sparsity(path, leaf):
-  is_mask = getattr(leaf, "dtype", None) == jnp.bool_ and np.ndim(leaf) >= 1
-  return is_mask or _tree.default_where(path, leaf)
+def _is_mask_leaf(leaf) -> bool:
+  return getattr(leaf, "dtype", None) == jnp.bool_ and np.ndim(leaf) >= 1
 
 
 def sparsity(tree: PyTree, *, where: Where | None = None) -> jax.Array:
   """The fraction of zeros (params) or of ``False`` (masks) among prunable leaves.
 
-  By default, bool leaves with ``ndim >= 1`` (masks) and floating leaves with ``ndim >= 2``
-  count; scalar masks (unpruned leaves) and biases do not. Jit-able; returns a float32 scalar.
+  By default, bool leaves with ``ndim >= 1`` (masks) and the leaves the default ``where``
+  selects (floating, ``ndim >= 2``, not biases or norm scales) count; scalar masks (unpruned
+  leaves) do not. Jit-able; returns a float32 scalar.
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune as jp
     >>> float(jp.sparsity({"w": jnp.array([[0., 1.], [0., 0.]]), "b": jnp.zeros(2)}))
     0.75
   """
-  paths, leaves, _, chosen = _tree.selected(tree, where or _counted_for_sparsity,
-                                            require_any=False, require_float=False)
+  paths, leaves, _, chosen = _tree.selected(tree, where, require_any=False,
+                                            require_float=False)
+  if where is None:
+    chosen = [c or _is_mask_leaf(x) for x, c in zip(leaves, chosen)]
   zeros, total = jnp.zeros((), jnp.float32), 0
   for x, c in zip(leaves, chosen):
     if c:
@@ -380,15 +397,17 @@ def summary(params: Params, masks: Masks | None = None, *,
 def prune(params: Params, sparsity: Sparsity, *,
           scores: Scores | Callable[..., Scores] = magnitude_scores,
           structure: structure_lib.Structure | None = None, scope: str = "layerwise",
-          where: Where | None = None, stacked: stacking.Stacked = None) -> tuple[Params, Masks]:
+          where: Where | None = None, stacked: stacking.Stacked = None,
+          layout: LayoutLike = None) -> tuple[Params, Masks]:
   """One-shot pruning: ``masks = topk_mask(scores(params), sparsity, ...)``, then apply them.
 
   Args:
     params: a pytree of arrays.
     sparsity: as in :func:`topk_mask`.
-    scores: a tree of scores, or a callable ``(params, *, where) -> scores``
-      (default :func:`magnitude_scores`).
-    structure, scope, where, stacked: as in :func:`topk_mask`.
+    scores: a tree of scores like ``params``, or a callable ``(params, *, where) -> scores``
+      (default :func:`magnitude_scores`). A tree with the params' paths is a tree even when it
+      is callable (an ``eqx.Module``).
+    structure, scope, where, stacked, layout: as in :func:`topk_mask`.
 
   Returns:
     ``(pruned_params, masks)``.
@@ -401,6 +420,7 @@ def prune(params: Params, sparsity: Sparsity, *,
            [0., 0., 7., 8.]], dtype=float32)
   """
   where = stacking.where_for(where, stacked)
-  s = scores(params, where=where) if callable(scores) else scores
-  masks = topk_mask(s, sparsity, structure=structure, scope=scope, where=where, stacked=stacked)
+  s = scores(params, where=where) if _tree.is_function(scores, params) else scores
+  masks = topk_mask(s, sparsity, structure=structure, scope=scope, where=where, stacked=stacked,
+                    layout=layout)
   return apply_masks(params, masks), masks

@@ -7,6 +7,8 @@ same ``where`` ignores them.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -121,13 +123,15 @@ def movement_scores(params: Params, grads: PyTree, *, accumulated: Scores | None
 
 
 def activation_scores(params: Params, input_norms: PyTree, *,
-                      where: Where | None = None) -> Scores:
+                      where: Where | None = None, layout: Any = None) -> Scores:
   """Wanda scores ``|W_ij| · ‖X_i‖₂``: weight magnitude times the norm of its input feature.
 
   ``input_norms`` holds, for every selected leaf, a vector with the L2 norm (over all tokens or
-  examples of a calibration batch) of each input feature, i.e. of each index of the kernel's
-  input axis ``-2`` (Flax ``Dense``/``Conv`` layout ``(..., in, out)``). Give leaves that are not
-  selected any placeholder (e.g. ``None`` is not allowed as a leaf; use ``0.``).
+  examples of a calibration batch) of each input feature, i.e. of each index of the weight's
+  input axis: ``-2`` for Flax ``kernel`` and Haiku ``w`` ``(..., in, out)``, ``1`` for Equinox /
+  PyTorch ``weight`` ``(out, in, ...)`` (the leaf's layout, see :mod:`jaxprune.tree`; override
+  it with ``layout=`` as in :func:`jaxprune.topk_mask`). Give leaves that are not selected any
+  placeholder (e.g. ``None`` is not allowed as a leaf; use ``0.``).
 
   Wanda compares weights per output unit: prune with ``structure=jp.per_output()`` so that
   every output unit loses the same fraction of its inputs, as in the paper.
@@ -147,13 +151,18 @@ def activation_scores(params: Params, input_norms: PyTree, *,
   _tree.check_same_structure(params, input_norms, "params", "input_norms")
   n_leaves = jax.tree.leaves(input_norms)
   paths, leaves, treedef, chosen = _tree.selected(params, where)
+  leaf_layout = _tree.layout_fn(layout)
   out = []
   for path, p, n, c in zip(paths, leaves, n_leaves, chosen):
     if c:
       n = jnp.asarray(n)
-      if n.ndim != 1 or n.shape[0] != p.shape[-2]:
-        raise ValueError(f"input_norms for '{path}' must be a vector of length {p.shape[-2]} "
-                         f"(the kernel's input axis -2 of shape {p.shape}); got shape {n.shape}.")
-      p = jnp.abs(p) * n.astype(p.dtype).reshape((1,) * (p.ndim - 2) + (-1, 1))
+      given = leaf_layout(path, p).in_axis
+      ax = given % p.ndim
+      if n.ndim != 1 or n.shape[0] != p.shape[ax]:
+        raise ValueError(f"input_norms for '{path}' must be a vector of length {p.shape[ax]} "
+                         f"(the kernel's input axis {given} of shape {p.shape}); got shape "
+                         f"{n.shape}.")
+      p = jnp.abs(p) * n.astype(p.dtype).reshape(
+          tuple(-1 if i == ax else 1 for i in range(p.ndim)))
     out.append(p)
   return jax.tree.unflatten(treedef, out)

@@ -119,10 +119,15 @@ def _check(sparsity, update_every, end_step, drop_fraction, distribution):
 @functools.lru_cache(maxsize=128)
 def _topology_fn(grow: str, where):
   """The jitted connectivity update of SET/RigL for one static configuration (cached, so that
-  eager training steps reuse one compilation; inlined inside a jitted step)."""
+  eager training steps reuse one compilation; inlined inside a jitted step). On check steps it
+  also checks that the previous masks' inactive weights are 0 in ``params`` (see
+  :mod:`jaxprune._transform_utils`)."""
+  name = "rigl" if grow == "gradient" else "set_training"
+
   @jax.jit
   def new_topology(masks, params, updates, count, f, key_t, every, t_end):
-    _, chosen, _ = _util.selection(params, where)
+    paths, chosen, _ = _util.selection(params, where)
+    chosen_paths = [p for p, c in zip(paths, chosen) if c]
     treedef = jax.tree.structure(params)
     is_update = (count > 0) & (count % every == 0) & (count < t_end)
 
@@ -158,7 +163,20 @@ def _topology_fn(grow: str, where):
               for m, c in zip(treedef.flatten_up_to(masks), chosen, strict=True)]
       return masks, jax.tree.unflatten(treedef, none)
 
-    return lax.cond(is_update, move, stay, masks)
+    def check(masks):
+      bad, pruned = _util.nonzero_pruned(masks, params, chosen)
+      _util.raise_if_misplaced(name, chosen_paths, bad, pruned, count)
+
+    def check_and_move(masks):
+      check(masks)
+      return move(masks)
+
+    def check_and_stay(masks):
+      check(masks)
+      return stay(masks)
+
+    branch = jnp.where(is_update, 2, jnp.where(_util.check_step(count, every, t_end), 1, 0))
+    return lax.switch(branch, [stay, check_and_stay, check_and_move], masks)
   return new_topology
 
 
@@ -171,6 +189,7 @@ def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop
 
   def init_fn(params):
     inner_state = inner_tx.init(params)
+    params = _util.model_params(params)
     count = jnp.zeros([], jnp.int32)
     if _util.is_placeholder(params):
       return SparseTrainingState(count, jax.tree.map(lambda x: x, params), inner_state)
@@ -188,12 +207,13 @@ def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(_util.NO_PARAMS_MSG)
-    _, chosen, _ = _util.selection(params, where)
+    model = _util.model_params(params)
+    _, chosen, _ = _util.selection(model, where)
     count = state.count
     f = jnp.asarray(frac(count), jnp.float32)
     _checks.check(~_checks.is_fraction(f), lambda v, c: (
         f"drop_fraction {float(v)} at step {int(c)} is outside [0, 1]."), f, count)
-    masks, grown = new_topology(state.masks, params, updates, count, f,
+    masks, grown = new_topology(state.masks, model, updates, count, f,
                                 jax.random.fold_in(grow_key, count),
                                 jnp.asarray(update_every, jnp.int32),
                                 jnp.asarray(end_step, jnp.int32))
@@ -202,7 +222,7 @@ def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop
     inner_updates, inner_state = optax.with_extra_args_support(inner_tx).update(
         grads_in, state.inner_state, params, **extra_args)
     inner_state = reset_inner_state(inner_tx, inner_state, grown)
-    out = _util.enforce(masks, inner_updates, params, chosen, override=grown)
+    out = _util.enforce_params(masks, inner_updates, params, chosen, override=grown)
     return out, SparseTrainingState(optax.safe_increment(count), masks, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -7,6 +7,14 @@ of ``m`` consecutive weights keeps ``n``) and :func:`per_output` (every output u
 number of inputs, as in Wanda).
 
 Structures are small frozen dataclasses: hashable, so they can be static arguments of ``jax.jit``.
+
+**Layouts.** Made without an ``axis``, :func:`n_of_m` runs along each leaf's input axis and
+:func:`channels` / :func:`per_output` take each leaf's output axis, from the leaf's layout
+(:func:`jaxprune.tree.default_layout`: Flax ``kernel`` and Haiku ``w`` are ``(..., in, out)``,
+Equinox and PyTorch ``weight`` is ``(out, in, ...)``; ``layout=`` of :func:`jaxprune.topk_mask`
+overrides it for a whole tree). Such a structure stores the ``(..., in, out)`` axis (``-2`` or
+``-1``) with ``by_layout=True`` (not shown in its repr); :func:`for_leaf` resolves it for one
+leaf. An explicit ``axis`` is used as given for every leaf.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import _floats
+from jaxprune.tree import Layout
 
 
 def _norm_axis(axis: int, ndim: int, path: str, what: str) -> int:
@@ -53,6 +62,7 @@ class Channels:
   """
   axis: int = -1
   reduce: str = "l2"
+  by_layout: bool = dataclasses.field(default=False, repr=False)  # axis from the leaf's layout
 
   def __post_init__(self):
     if self.reduce not in ("l2", "l1", "mean", "max"):
@@ -130,6 +140,7 @@ class NOfM:
   n: int = 2
   m: int = 4
   axis: int = -2
+  by_layout: bool = dataclasses.field(default=False, repr=False)  # axis from the leaf's layout
 
   def __post_init__(self):
     if not (isinstance(self.n, int) and isinstance(self.m, int)) or not 0 <= self.n <= self.m \
@@ -154,6 +165,7 @@ class NOfM:
 class PerOutput:
   """Unstructured, but every slice along ``axis`` (every output unit) loses the same count."""
   axis: int = -1
+  by_layout: bool = dataclasses.field(default=False, repr=False)  # axis from the leaf's layout
 
   def validate(self, path: str, shape: tuple[int, ...]) -> None:
     _norm_axis(self.axis, len(shape), path, "per_output()")
@@ -180,6 +192,27 @@ def check_structure(structure) -> None:
                    f"({type(structure).__name__}).{hint}")
 
 
+def for_leaf(structure: Structure, layout: Layout) -> Structure:
+  """``structure`` with the axis of a leaf of this ``layout``, when it was made without one.
+
+  :class:`NOfM` takes the input axis, :class:`Channels` and :class:`PerOutput` the output axis;
+  structures with an explicit axis, :class:`Unstructured` and :class:`Blocks` are returned as
+  they are.
+
+  Examples:
+    >>> import jaxprune as jp
+    >>> from jaxprune import structure
+    >>> structure.for_leaf(jp.n_of_m(2, 4), jp.tree.OUT_IN)      # an Equinox weight (out, in)
+    NOfM(n=2, m=4, axis=1)
+    >>> structure.for_leaf(jp.channels(), jp.tree.OUT_IN)
+    Channels(axis=0, reduce='l2')
+  """
+  if not getattr(structure, "by_layout", False):
+    return structure
+  axis = layout.in_axis if isinstance(structure, NOfM) else layout.out_axis
+  return dataclasses.replace(structure, axis=axis, by_layout=False)
+
+
 def unstructured() -> Unstructured:
   """Each weight is pruned on its own.
 
@@ -192,15 +225,18 @@ def unstructured() -> Unstructured:
   return Unstructured()
 
 
-def n_of_m(n: int, m: int, axis: int = -2) -> NOfM:
-  """N:M semi-structured sparsity: in each group of ``m`` consecutive weights along ``axis``
-  (default ``-2``, the input axis of Flax ``Dense``/``Conv`` kernels, i.e. the contraction axis),
+def n_of_m(n: int, m: int, axis: int | None = None) -> NOfM:
+  """N:M semi-structured sparsity: in each group of ``m`` consecutive weights along ``axis``,
   exactly ``n`` are kept. The sparsity is ``1 - n/m``; pass that (or 0 for no pruning).
 
   Any other sparsity is an error, a traced one too (a schedule's value: it raises when the
   program runs). So a gradual ramp (``polynomial_schedule``) with ``n_of_m`` fails at its
   first value between 0 and ``1 - n/m`` instead of jumping to ``1 - n/m``; reach N:M with a
   schedule that jumps, e.g. ``jp.one_shot_schedule(1 - n/m, at_step)``.
+
+  ``axis=None`` (default) is each leaf's input (contraction) axis from its layout: ``-2`` for
+  Flax ``kernel`` and Haiku ``w`` ``(..., in, out)``, ``1`` for Equinox / PyTorch ``weight``
+  ``(out, in, ...)`` (see :mod:`jaxprune.tree`); an int is used for every leaf.
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune as jp
@@ -211,7 +247,7 @@ def n_of_m(n: int, m: int, axis: int = -2) -> NOfM:
   References:
     Mishra et al., "Accelerating Sparse Deep Neural Networks" (NVIDIA 2:4), arXiv 2021.
   """
-  return NOfM(n, m, axis)
+  return NOfM(n, m, -2, by_layout=True) if axis is None else NOfM(n, m, axis)
 
 
 def blocks(shape: tuple[int, ...] = (4, 4)) -> Blocks:
@@ -229,10 +265,14 @@ def blocks(shape: tuple[int, ...] = (4, 4)) -> Blocks:
   return Blocks(tuple(shape))
 
 
-def channels(axis: int = -1, reduce: str = "l2") -> Channels:
+def channels(axis: int | None = None, reduce: str = "l2") -> Channels:
   """Whole output channels / neurons (slices along ``axis``), ranked by the ``reduce`` ("l2"
   by default) of their scores. Attention heads are channels of a kernel reshaped to
   ``(d_model, heads, head_dim)`` with ``axis=-2``.
+
+  ``axis=None`` (default) is each leaf's output axis from its layout: ``-1`` for Flax
+  ``kernel`` and Haiku ``w`` ``(..., in, out)``, ``0`` for Equinox / PyTorch ``weight``
+  ``(out, in, ...)`` (see :mod:`jaxprune.tree`); an int is used for every leaf.
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune as jp
@@ -243,12 +283,17 @@ def channels(axis: int = -1, reduce: str = "l2") -> Channels:
   References:
     Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017.
   """
+  if axis is None:
+    return Channels(-1, reduce, by_layout=True)
   return Channels(axis, reduce)
 
 
-def per_output(axis: int = -1) -> PerOutput:
+def per_output(axis: int | None = None) -> PerOutput:
   """Unstructured pruning in which every output unit (slice along ``axis``) loses exactly the
   same number of weights: the comparison group of Wanda (Sun et al., 2023).
+
+  ``axis=None`` (default) is each leaf's output axis from its layout (``-1`` for ``(..., in,
+  out)`` kernels, ``0`` for ``(out, in, ...)`` weights); an int is used for every leaf.
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune as jp
@@ -257,4 +302,4 @@ def per_output(axis: int = -1) -> PerOutput:
     Array([[False, False],
            [ True,  True]], dtype=bool)
   """
-  return PerOutput(axis)
+  return PerOutput(-1, by_layout=True) if axis is None else PerOutput(axis)

@@ -3,18 +3,26 @@
 Two shapes of transform, one rule for both — the transform enforces its masks itself by emitting
 ``where(mask, u, -p)``, so that ``optax.apply_updates`` lands every pruned weight on exactly 0:
 
+* **A wrapper** (every transform with ``inner_tx``: :func:`magnitude_pruning`,
+  :func:`random_pruning` and :func:`pruning` take it, :func:`saliency_pruning` and
+  :func:`movement_pruning` need it) is the whole optimizer, so it cannot be misplaced — the form
+  to use: it sees the raw gradients (which gradient criteria need), gives the inner optimizer
+  the gradients of the surviving weights only, and enforces the masks on what the inner
+  optimizer returns, whatever that chain holds (clipping, ``reduce_on_plateau``...)::
+
+      tx = jp.magnitude_pruning(schedule, update_every=100, inner_tx=optax.chain(
+          optax.clip_by_global_norm(1.0), optax.adamw(1e-3), reduce_on_plateau()))
+
 * **A chain link** (:func:`magnitude_pruning`, :func:`random_pruning`, :func:`pruning` without
   ``inner_tx``) goes **last** in ``optax.chain``, after learning-rate scaling::
 
       tx = optax.chain(optax.adamw(1e-3), jp.magnitude_pruning(schedule, update_every=100))
 
   Anything after it would rescale the ``-p`` that zeroes a pruned weight.
-* **A wrapper** (:func:`saliency_pruning`, :func:`movement_pruning`, :func:`pruning` with
-  ``inner_tx``) is the whole optimizer: it sees the raw gradients (which gradient criteria
-  need), gives the inner optimizer the gradients of the surviving weights only, and enforces
-  the masks on what the inner optimizer returns::
 
-      tx = jp.saliency_pruning(optax.adam(1e-3), schedule, update_every=100)
+Either form checks, at the next update, that the weights it pruned are exactly 0 in the params
+it receives, and raises with the fix when they are not (something after it changed its update;
+see ``jaxprune/_transform_utils.py`` for how the check stays free on the other steps).
 
 Masks are recomputed every ``update_every`` steps inside ``lax.cond`` and only shrink: weights
 pruned earlier are scored lowest (NaN), so each prunable leaf (or all of them, with
@@ -56,10 +64,10 @@ import numpy as np
 import optax
 from jax import lax
 
+from jaxprune import _state, _tree, stacking
 from jaxprune import _transform_utils as _util
-from jaxprune import _tree, stacking
 from jaxprune._typing import KeyLike, Masks, Params, Where
-from jaxprune.masks import topk_mask
+from jaxprune.masks import LayoutLike, topk_mask
 from jaxprune.scores import magnitude_scores, movement_scores, random_scores, saliency_scores
 from jaxprune.structure import Blocks, Channels, Structure
 
@@ -127,16 +135,19 @@ def _score_with(accumulated, params, chosen):
 
 @functools.lru_cache(maxsize=128)
 def _masks_fn(score_fn, structure, scope, distribution, where, accumulate, straight_through,
-              stacked=None):
+              layout, name, stacked=None):
   """The jitted mask update of :func:`pruning` for one static configuration.
 
   Cached, so that eager (un-jitted) training steps reuse one compilation, also when
   ``inject_hyperparams`` rebuilds the transform at every step; inside a jitted step it is
-  simply inlined.
+  simply inlined. On check steps (see :func:`_transform_utils.check_step`) it also checks that
+  the previous masks' pruned weights are 0 in ``params`` (not with ``straight_through``, whose
+  params stay dense).
   """
   @jax.jit
   def new_masks(updates, masks, acc, params, count, s, key_t, every, end):
-    _, chosen, where_p = _util.selection(params, where)
+    paths, chosen, where_p = _util.selection(params, where)
+    chosen_paths = [p for p, c in zip(paths, chosen) if c]
 
     def step_scores():
       return score_fn(params, grads=updates, key=key_t, where=where_p)
@@ -150,10 +161,30 @@ def _masks_fn(score_fn, structure, scope, distribution, where, accumulate, strai
         scores = _nan_pruned(scores, masks, chosen, structure)
       alloc = _util.allocate(params, s, distribution, where_p, stacked)
       new = topk_mask(scores, alloc, structure=structure, scope=scope, where=where_p,
-                      stacked=stacked)
+                      stacked=stacked, layout=layout)
       return new if straight_through else _and(new, masks)
 
-    return lax.cond((count % every == 0) & (count < end), recompute, lambda m: m, masks), acc
+    def check(masks):
+      bad, pruned = _util.nonzero_pruned(masks, params, chosen)
+      _util.raise_if_misplaced(name, chosen_paths, bad, pruned, count)
+
+    def keep(masks):
+      return masks
+
+    def check_only(masks):
+      check(masks)
+      return masks
+
+    def check_and_recompute(masks):
+      check(masks)
+      return recompute(masks)
+
+    is_update = (count % every == 0) & (count < end)
+    if straight_through:
+      return lax.cond(is_update, recompute, keep, masks), acc
+    branch = jnp.where(is_update & (count > 0), 3, jnp.where(
+        is_update, 2, jnp.where(_util.check_step(count, every, end), 1, 0)))
+    return lax.switch(branch, [keep, check_only, recompute, check_and_recompute], masks), acc
 
   return new_masks
 
@@ -163,9 +194,9 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
             end_step: int | None = None, structure: Structure | None = None,
             scope: str = "layerwise", distribution: str = "uniform",
             where: Where | None = None, accumulate: bool = False,
-            straight_through: bool = False,
-            key: KeyLike = None,
-            stacked: stacking.Stacked = None) -> optax.GradientTransformationExtraArgs:
+            straight_through: bool = False, key: KeyLike = None,
+            stacked: stacking.Stacked = None,
+            layout: LayoutLike = None) -> optax.GradientTransformationExtraArgs:
   """Prunes by any score while training; the named pruning transforms are thin wrappers of it.
 
   Every ``update_every`` steps (step 0 included) the masks are recomputed from
@@ -174,10 +205,12 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
   and the pruned count is exactly ``round(s·n)`` per leaf (or over all leaves with
   ``scope="global"``) as long as the schedule does not decrease.
 
-  Without ``inner_tx`` the transform is a chain link and must go **last** in ``optax.chain``;
-  ``grads`` is then the update it receives. With ``inner_tx`` it wraps that optimizer: ``grads``
-  is the raw gradient, the inner optimizer receives the gradients of the surviving weights only,
-  and the masks are enforced on its output.
+  With ``inner_tx`` (the form that cannot be misplaced) it wraps that optimizer: ``grads`` is
+  the raw gradient, the inner optimizer receives the gradients of the surviving weights only,
+  and the masks are enforced on its output. Without ``inner_tx`` the transform is a chain link
+  and must go **last** in ``optax.chain``; ``grads`` is then the update it receives. Either way,
+  if the weights it pruned are not exactly 0 at a later update (a transformation after it
+  changed its output), it raises an error that says how to fix the optimizer.
 
   Args:
     score_fn: ``(params, *, grads, key, where) -> scores`` (larger is kept); ``key`` is
@@ -204,6 +237,8 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
     key: a PRNG key or int seed for random scores (None: seed 0).
     stacked: the layer axis of leaves that stack several layers (``nnx.scan``), as in
       :func:`jaxprune.topk_mask`: each slice is allocated and counted as its own layer. Static.
+    layout: the weights' input/output axes for structures made without an ``axis`` (see
+      :func:`jaxprune.topk_mask`; default: by leaf name). Static.
 
   With ``optax.inject_hyperparams``, list ``score_fn`` and the integer arguments you pass
   (``update_every``, an int ``key``) in ``static_args``: inject_hyperparams would otherwise store
@@ -213,6 +248,10 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`PruningState`.
+
+  Raises:
+    jax.errors.JaxRuntimeError: (from the compiled step) at an update whose params have
+      nonzero weights where the previous masks prune: the transform is misplaced (see above).
 
   Examples:
     >>> import jax.numpy as jnp, optax, jaxprune as jp
@@ -232,6 +271,7 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
 
   def init_fn(params):
     inner_state = inner_tx.init(params) if inner_tx is not None else optax.EmptyState()
+    params = _util.model_params(params)
     if _util.is_placeholder(params):
       masks = jax.tree.map(lambda x: x, params)
       scores = jax.tree.map(lambda x: x, params) if accumulate else optax.EmptyState()
@@ -246,15 +286,18 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
           for x, c in zip(jax.tree.leaves(params), chosen, strict=True)])
     return PruningState(jnp.zeros([], jnp.int32), masks, scores, inner_state)
 
+  _tree.layout_fn(layout)  # validates it
   new_masks = _masks_fn(score_fn, structure, scope, distribution, where, accumulate,
-                       straight_through, stacking.freeze(stacked))
+                        straight_through, layout, _NAMES.get(score_fn, "pruning"),
+                        stacking.freeze(stacked))
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(_util.NO_PARAMS_MSG)
-    _, chosen, _ = _util.selection(params, where)
+    model = _util.model_params(params)
+    _, chosen, _ = _util.selection(model, where)
     count = state.count
-    masks, acc = new_masks(updates, state.masks, state.scores, params, count, sched(count),
+    masks, acc = new_masks(updates, state.masks, state.scores, model, count, sched(count),
                            jax.random.fold_in(base_key, count),
                            jnp.asarray(update_every, jnp.int32),
                            jnp.asarray(_NEVER if end_step is None else end_step, jnp.int32))
@@ -264,7 +307,7 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
       updates, inner_state = optax.with_extra_args_support(inner_tx).update(
           grads_in, state.inner_state, params, **extra_args)
     if not straight_through:
-      updates = _util.enforce(masks, updates, params, chosen)
+      updates = _util.enforce_params(masks, updates, params, chosen)
     return updates, PruningState(optax.safe_increment(count), masks, acc, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -293,29 +336,43 @@ def _movement(params, *, grads, key, where):
   return movement_scores(params, grads, where=where)
 
 
-def magnitude_pruning(sparsity: optax.ScalarOrSchedule, *, update_every: int = 1,
+def magnitude_pruning(sparsity: optax.ScalarOrSchedule, *,
+                      inner_tx: optax.GradientTransformation | None = None,
+                      update_every: int = 1,
                       end_step: int | None = None, structure: Structure | None = None,
                       scope: str = "layerwise", distribution: str = "uniform",
-                      where: Where | None = None,
-                      straight_through: bool = False,
-                      stacked: stacking.Stacked = None) -> optax.GradientTransformationExtraArgs:
+                      where: Where | None = None, straight_through: bool = False,
+                      stacked: stacking.Stacked = None,
+                      layout: LayoutLike = None) -> optax.GradientTransformationExtraArgs:
   """Magnitude pruning while training (gradual when ``sparsity`` is a schedule).
 
-  A chain link that goes **last** in ``optax.chain`` (after learning-rate scaling): every
-  ``update_every`` steps it keeps the largest ``|w|`` and emits ``where(mask, u, -p)``, so every
-  pruned weight lands on exactly 0 and stays there. Masks only shrink.
+  Every ``update_every`` steps it keeps the largest ``|w|`` and makes every pruned weight land
+  on exactly 0 (it emits ``where(mask, u, -p)``) and stay there. Masks only shrink.
+
+  Give it the whole optimizer as ``inner_tx`` (the form that cannot be misplaced; whatever
+  ``inner_tx`` does, e.g. clipping or ``reduce_on_plateau``, happens inside)::
+
+    tx = jp.magnitude_pruning(0.9, inner_tx=optax.chain(optax.adamw(1e-3), reduce_on_plateau()))
+
+  or use it as a chain link that goes **last** in ``optax.chain`` (after learning-rate
+  scaling): ``optax.chain(optax.adamw(1e-3), jp.magnitude_pruning(0.9))``. A misplaced link
+  (anything after it, or the link first) raises at its next check, saying how to fix it.
 
   Args:
     sparsity: a number in [0, 1], a 0-d array or a schedule (e.g.
       :func:`jaxprune.polynomial_schedule` for gradual pruning).
+    inner_tx: the optimizer to wrap (None: a chain link).
     update_every: recompute masks every this many steps.
     end_step: no mask update from this step on (None: for the whole training).
     structure: :func:`jaxprune.unstructured` (default), ``n_of_m``, ``blocks``, ``channels``...
     scope: ``"layerwise"`` or ``"global"`` (one threshold over all prunable leaves).
     distribution: ``"uniform"`` or ``"erk"`` (layerwise only).
-    where: ``(path, leaf) -> bool`` choosing prunable leaves (default: float, ``ndim >= 2``).
+    where: ``(path, leaf) -> bool`` choosing prunable leaves (default: float, ``ndim >= 2``,
+      not a bias or norm scale).
     straight_through: keep params dense and mask in the forward pass (see :func:`pruning`).
     stacked: the layer axis of stacked leaves (``nnx.scan``), as in :func:`jaxprune.topk_mask`.
+    layout: the weights' input/output axes for ``n_of_m`` / ``channels`` made without an
+      ``axis`` (see :func:`jaxprune.topk_mask`; default: by leaf name).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a :class:`PruningState`.
@@ -332,23 +389,36 @@ def magnitude_pruning(sparsity: optax.ScalarOrSchedule, *, update_every: int = 1
     >>> float(jp.sparsity(params))
     0.75
 
+    The wrapper form, with clipping inside:
+
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+    >>> tx = jp.magnitude_pruning(0.5, inner_tx=optax.chain(optax.clip_by_global_norm(0.1),
+    ...                                                     optax.sgd(1.0)))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> float(jp.sparsity(optax.apply_updates(params, updates)))
+    0.5
+
   References:
     Zhu and Gupta, "To prune, or not to prune", 2017 (gradual magnitude pruning);
     Han et al., "Learning both Weights and Connections for Efficient Neural Networks", 2015.
   """
-  return pruning(_magnitude, sparsity, update_every=update_every, end_step=end_step,
-                 structure=structure, scope=scope, distribution=distribution, where=where,
-                 straight_through=straight_through, stacked=stacked)
+  return pruning(_magnitude, sparsity, inner_tx=inner_tx, update_every=update_every,
+                 end_step=end_step, structure=structure, scope=scope,
+                 distribution=distribution, where=where, straight_through=straight_through,
+                 stacked=stacked, layout=layout)
 
 
 def random_pruning(sparsity: optax.ScalarOrSchedule, *, key: KeyLike = None,
+                   inner_tx: optax.GradientTransformation | None = None,
                    update_every: int = 1, end_step: int | None = None,
                    structure: Structure | None = None,
                    scope: str = "layerwise", distribution: str = "uniform",
-                   where: Where | None = None,
-                   straight_through: bool = False,
-                   stacked: stacking.Stacked = None) -> optax.GradientTransformationExtraArgs:
-  """Random pruning while training: a baseline that removes random weights (a chain link, last).
+                   where: Where | None = None, straight_through: bool = False,
+                   stacked: stacking.Stacked = None,
+  layout: LayoutLike = None) -> optax.GradientTransformationExtraArgs:
+  """Random pruning while training: a baseline that removes random weights (a wrapper around
+  ``inner_tx``, or a chain link that goes last).
 
   At each update step the scores are uniform noise from ``fold_in(key, count)``; weights pruned
   earlier stay pruned, so the masks only shrink.
@@ -356,8 +426,8 @@ def random_pruning(sparsity: optax.ScalarOrSchedule, *, key: KeyLike = None,
   Args:
     sparsity: a number in [0, 1], a 0-d array or a schedule.
     key: a PRNG key or an int seed (None: seed 0).
-    update_every, end_step, structure, scope, distribution, where, straight_through,
-      stacked: as in :func:`magnitude_pruning`.
+    inner_tx, update_every, end_step, structure, scope, distribution, where, straight_through,
+      stacked, layout: as in :func:`magnitude_pruning`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a :class:`PruningState`.
@@ -373,18 +443,19 @@ def random_pruning(sparsity: optax.ScalarOrSchedule, *, key: KeyLike = None,
   References:
     Liu et al., "The Unreasonable Effectiveness of Random Pruning", ICLR 2022.
   """
-  return pruning(_random, sparsity, key=key, update_every=update_every, end_step=end_step,
-                 structure=structure, scope=scope, distribution=distribution, where=where,
-                 straight_through=straight_through, stacked=stacked)
+  return pruning(_random, sparsity, key=key, inner_tx=inner_tx, update_every=update_every,
+                 end_step=end_step, structure=structure, scope=scope,
+                 distribution=distribution, where=where, straight_through=straight_through,
+                 stacked=stacked, layout=layout)
 
 
 def saliency_pruning(inner_tx: optax.GradientTransformation,
                      sparsity: optax.ScalarOrSchedule, *, update_every: int = 1,
                      end_step: int | None = None, structure: Structure | None = None,
                      scope: str = "layerwise", distribution: str = "uniform",
-                     where: Where | None = None,
-                     straight_through: bool = False,
-                     stacked: stacking.Stacked = None) -> optax.GradientTransformationExtraArgs:
+                     where: Where | None = None, straight_through: bool = False,
+                     stacked: stacking.Stacked = None,
+                     layout: LayoutLike = None) -> optax.GradientTransformationExtraArgs:
   """Saliency (first-order Taylor, ``|w·g|``) pruning while training, wrapping ``inner_tx``.
 
   The criterion needs the raw gradient, so this transform is the whole optimizer: it scores
@@ -394,8 +465,9 @@ def saliency_pruning(inner_tx: optax.GradientTransformation,
   Args:
     inner_tx: the optimizer (any optax transformation, learning rate included).
     sparsity: a number in [0, 1], a 0-d array or a schedule.
-    update_every, end_step, structure, scope, distribution, where, straight_through,
-      stacked: as in :func:`magnitude_pruning`.
+    update_every, end_step, structure, scope, distribution, where, straight_through, stacked,
+      layout:
+      as in :func:`magnitude_pruning`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a :class:`PruningState`.
@@ -417,16 +489,16 @@ def saliency_pruning(inner_tx: optax.GradientTransformation,
   return pruning(_saliency, sparsity, inner_tx=inner_tx, update_every=update_every,
                  end_step=end_step, structure=structure, scope=scope,
                  distribution=distribution, where=where, straight_through=straight_through,
-                 stacked=stacked)
+                 stacked=stacked, layout=layout)
 
 
 def movement_pruning(inner_tx: optax.GradientTransformation,
                      sparsity: optax.ScalarOrSchedule, *, update_every: int = 1,
                      end_step: int | None = None, structure: Structure | None = None,
                      scope: str = "layerwise", distribution: str = "uniform",
-                     where: Where | None = None,
-                     straight_through: bool = False,
-                     stacked: stacking.Stacked = None) -> optax.GradientTransformationExtraArgs:
+                     where: Where | None = None, straight_through: bool = False,
+                     stacked: stacking.Stacked = None,
+                     layout: LayoutLike = None) -> optax.GradientTransformationExtraArgs:
   """Movement pruning, wrapping ``inner_tx``: keeps the weights moving away from zero.
 
   The score ``S = −Σ_t w_t·g_t`` is accumulated over every step in ``state.scores`` (float32) and
@@ -436,8 +508,9 @@ def movement_pruning(inner_tx: optax.GradientTransformation,
   Args:
     inner_tx: the optimizer (any optax transformation, learning rate included).
     sparsity: a number in [0, 1], a 0-d array or a schedule.
-    update_every, end_step, structure, scope, distribution, where, straight_through,
-      stacked: as in :func:`magnitude_pruning`.
+    update_every, end_step, structure, scope, distribution, where, straight_through, stacked,
+      layout:
+      as in :func:`magnitude_pruning`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a :class:`PruningState`.
@@ -458,8 +531,11 @@ def movement_pruning(inner_tx: optax.GradientTransformation,
   return pruning(_movement, sparsity, inner_tx=inner_tx, update_every=update_every,
                  end_step=end_step, structure=structure, scope=scope,
                  distribution=distribution, where=where, accumulate=True,
-                 straight_through=straight_through, stacked=stacked)
+                 straight_through=straight_through, stacked=stacked, layout=layout)
 
+
+_NAMES = {_magnitude: "magnitude_pruning", _random: "random_pruning",
+          _saliency: "saliency_pruning", _movement: "movement_pruning"}
 
 # ----------------------------------------------------------------------------- straight-through
 
@@ -496,7 +572,7 @@ def apply_masks_straight_through(params: Params, masks: Masks) -> Params:
   _tree.check_same_structure(params, masks, "params", "masks")
   treedef = jax.tree.structure(params)
   out = []
-  for p, m in zip(jax.tree.leaves(params), treedef.flatten_up_to(masks), strict=True):
+  for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks), strict=True):
     if np.ndim(m) == 0 and np.ndim(p) > 0:  # the scalar mask of a leaf that is not pruned
       out.append(p)
     elif np.ndim(m) == 0 and not isinstance(m, jax.core.Tracer) and bool(m):
@@ -508,41 +584,29 @@ def apply_masks_straight_through(params: Params, masks: Masks) -> Params:
 
 # ----------------------------------------------------------------------------- state access
 
-
-def _is_pruning_state(x) -> bool:
-  return isinstance(x, tuple) and "masks" in getattr(x, "_fields", ()) and "count" in x._fields
+_is_pruning_state = _state.is_pruning_state  # kept for callers of the old private name
 
 
-def _unwrap(x):
-  """The array inside a Flax NNX ``Variable`` (as in ``nnx.Optimizer.opt_state``), else ``x``."""
-  get = getattr(x, "get_value", None)
-  return get() if callable(get) and not isinstance(x, jax.Array) else x
+def masks_from_state(opt_state: Any) -> Masks:
+  """The keep-masks held anywhere inside an optimizer state, as one tree like the params.
 
+  Looks through ``optax.chain``, ``MultiSteps``, ``inject_hyperparams``, ``apply_if_finite``,
+  ``lookahead``, ``masked``, ``multi_transform`` and other wrappers, and takes an
+  ``nnx.Optimizer``, its ``opt_state`` or ``nnx.state(optimizer)`` as they are. If several
+  jaxprune states are found (two pruning links on different leaves, one per
+  ``multi_transform`` group, a link inside a wrapper), their masks are merged into one tree
+  with the params' structure: the AND of the masks that cover a leaf, and scalar ``True`` for a
+  leaf no transform prunes (the ``optax.MaskedNode`` holes of ``optax.masked`` are filled).
 
-def _is_variable(x) -> bool:
-  return callable(getattr(x, "get_value", None)) and not isinstance(x, jax.Array)
-
-
-def _rewrap(old, value):
-  """``value`` in the wrapper ``old`` had: the same NNX ``Variable`` class and metadata."""
-  return old.replace(value) if _is_variable(old) else value
-
-
-def masks_from_state(opt_state: optax.OptState) -> Masks:
-  """The keep-masks held anywhere inside a (nested) optax state.
-
-  Looks through ``optax.chain``, ``MultiSteps``, ``inject_hyperparams``, wrappers and an
-  ``nnx.Optimizer``'s ``opt_state`` for the state of a jaxprune transform. If several are found
-  (e.g. two pruning links on different leaves), their masks are combined with logical AND.
-
-  The masks are always plain bool arrays: in an ``nnx.Optimizer``'s ``opt_state`` (whose leaves
-  are Flax NNX ``Variable`` wrappers such as ``nnx.OptVariable``), the wrappers are removed and
-  the containers kept, so the result is an ``nnx.State`` of arrays shaped like
-  ``nnx.state(model, nnx.Param)``, ready for :func:`jaxprune.apply_masks` or
-  :func:`replace_masks`.
+  The masks are always plain bool arrays: from an ``nnx.Optimizer`` (whose state leaves are
+  Flax NNX ``Variable`` wrappers such as ``nnx.OptVariable``), the wrappers are removed and the
+  containers kept, so the result is an ``nnx.State`` of arrays shaped like
+  ``nnx.state(model, nnx.Param)``, ready for :func:`jaxprune.apply_masks`,
+  :func:`jaxprune.summary` or :func:`replace_masks`.
 
   Raises:
-    ValueError: if the state holds no jaxprune pruning state.
+    ValueError: if the state holds no jaxprune pruning state, or pruning states whose masks
+      cover different trees.
 
   Examples:
     >>> import jax.numpy as jnp, optax, jaxprune as jp
@@ -552,25 +616,33 @@ def masks_from_state(opt_state: optax.OptState) -> Masks:
     >>> jp.masks_from_state(state)["w"]
     Array([[False, False],
            [ True,  True]], dtype=bool)
+
+    One pruning link per group of ``optax.multi_transform``, merged:
+
+    >>> params = {"a": jnp.arange(1., 5.).reshape(2, 2), "b": jnp.arange(1., 7.).reshape(3, 2)}
+    >>> tx = optax.multi_transform({"a": jp.magnitude_pruning(0.5), "b": jp.magnitude_pruning(0.)},
+    ...                            {"a": "a", "b": "b"})
+    >>> _, state = tx.update(params, tx.init(params), params)
+    >>> print(jp.summary(params, jp.masks_from_state(state)))
+    path   shape   kept  total  sparsity
+    ------------------------------------
+    a      (2, 2)     2      4    0.5000
+    b      (3, 2)     6      6    0.0000
+    ------------------------------------
+    total             8     10    0.2000
   """
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_pruning_state)
-           if _is_pruning_state(x)]
-  if not found:
-    raise ValueError("opt_state holds no jaxprune pruning state (no NamedTuple with `count` and "
-                     "`masks` fields); was the optimizer built with a jaxprune transform?")
-  masks = [jax.tree.map(_unwrap, s.masks, is_leaf=_is_variable) for s in found]
-  out = masks[0]
-  for m in masks[1:]:
-    out = _and(out, m)
-  return out
+  return _state.masks_from_state(opt_state)
 
 
 def replace_masks(opt_state: optax.OptState, masks: Masks) -> optax.OptState:
   """A copy of ``opt_state`` whose jaxprune pruning states hold ``masks`` (e.g. a lottery
   ticket's, to train the next round with them).
 
-  ``masks`` must have the tree of the masks in the state (as :func:`masks_from_state` returns
-  it), and each leaf the shape of the mask it replaces (scalar ``True`` for unpruned leaves).
+  ``masks`` is a tree like the params (as :func:`masks_from_state` returns it); each pruning
+  state takes the masks of the leaves it covers (inside ``optax.masked`` the other leaves stay
+  holes), and each leaf must have the shape of the mask it replaces (scalar ``True`` for
+  unpruned leaves). ``nnx.state(optimizer)`` (pruning states as ``nnx.State`` mappings) works
+  too.
 
   Each replaced mask keeps the wrapper it had in ``opt_state``: in an ``nnx.Optimizer``'s
   ``opt_state``, whose leaves are Flax NNX ``Variable`` wrappers (``nnx.OptVariable``), the new
@@ -591,26 +663,4 @@ def replace_masks(opt_state: optax.OptState, masks: Masks) -> optax.OptState:
     Array([[0.9, 0. ],
            [2.7, 3.6]], dtype=float32)
   """
-  masks = jax.tree.map(_unwrap, masks, is_leaf=_is_variable)
-
-  def swap(x):
-    if not _is_pruning_state(x):
-      return x
-    old = jax.tree.map(_unwrap, x.masks, is_leaf=_is_variable)
-    _tree.check_same_structure(old, masks, "state masks", "masks")
-    paths, old_leaves, _ = _tree.flatten(old)
-    for p, o, m in zip(paths, old_leaves, jax.tree.leaves(masks), strict=True):
-      if np.shape(o) != np.shape(m) or getattr(m, "dtype", None) != jnp.bool_:
-        raise ValueError(f"mask for '{p}' must be bool of shape {np.shape(o)}, got "
-                         f"{getattr(m, 'dtype', type(m))} of shape {np.shape(m)}.")
-    # Map over the state's own masks (stopping at Variable wrappers) to keep each wrapper.
-    new = jax.tree.map(lambda o, m: _rewrap(o, jnp.asarray(m, bool)), x.masks, masks,
-                       is_leaf=_is_variable)
-    return x._replace(masks=new)
-
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_pruning_state)
-           if _is_pruning_state(x)]
-  if not found:
-    raise ValueError("opt_state holds no jaxprune pruning state to put masks into.")
-  # Rebuilding the whole tree copies its Variable wrappers: the result shares none with opt_state.
-  return jax.tree.map(swap, jax.tree.map(lambda x: x, opt_state), is_leaf=_is_pruning_state)
+  return _state.replace_masks(opt_state, masks)

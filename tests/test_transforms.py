@@ -73,15 +73,18 @@ def test_magnitude_prunes_smallest_current_weights():
 
 def test_chain_position_rule():
   """Last in the chain: pruned weights land on exactly 0. Before the learning-rate scaling the
-  transform's ``-p`` is rescaled and they do not (which is why it must go last)."""
+  transform's ``-p`` is rescaled and they do not (which is why it must go last), and the next
+  update says so (it used to go on silently: issue 13)."""
   params = _params()
   grads_fn = lambda p: jax.tree.map(jnp.sign, p)
   last = optax.chain(optax.adam(0.1), jp.magnitude_pruning(0.5))
   p_last, _, h = _run(last, params, 3, grads_fn)
   assert np.all(np.asarray(p_last["a"]["kernel"])[~np.asarray(h[-1]["a"]["kernel"])] == 0)
   first = optax.chain(jp.magnitude_pruning(0.5), optax.adam(0.1))
-  p_first, _, h = _run(first, params, 3, grads_fn)
+  p_first, state, h = _run(first, params, 1, grads_fn)
   assert np.all(np.asarray(p_first["a"]["kernel"])[~np.asarray(h[-1]["a"]["kernel"])] != 0)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="inner_tx=optax.chain"):
+    jax.block_until_ready(first.update(grads_fn(p_first), state, p_first))
 
 
 def test_sparsity_zero_is_identity():
