@@ -146,6 +146,17 @@ def prune_matrix(w: jax.Array, h: jax.Array, counts: jax.Array | None = None, *,
   return jnp.where(keep, w, 0.0), keep
 
 
+@functools.partial(jax.jit, static_argnames=("nm", "block_size"))
+def _prune_stack(mats, hess, counts, dampening, *, nm, block_size):
+  """:func:`prune_matrix` over the layer slices ``(L, n_in, n_out)`` of one leaf, one slice at
+  a time (``lax.map``); one compiled program per shape, structure and block size."""
+  def one(a):
+    new, keep = prune_matrix(a[0].T, a[1], counts, nm=nm, block_size=block_size,
+                             dampening=dampening)
+    return new.T, keep.T
+  return lax.map(one, (mats, hess))
+
+
 def _check_args(structure, block_size, dampening):
   if structure is None:
     structure = structure_lib.unstructured()
@@ -237,12 +248,8 @@ def sparsegpt(params, cal: Calibration, sparsity, *, structure=None, block_size:
         mask_leaves[i] = jnp.ones(leaf.shape, bool)
         continue
       nm, counts = None, jnp.asarray(block_counts(k_total, lay.n_in, block_size))
-    run = functools.partial(prune_matrix, counts=counts, nm=nm, block_size=block_size,
-                            dampening=jnp.float32(dampening))
-    hess = cal.hessian(path)
-    w_new, keep = lax.map(lambda a, run=run: run(a[0].T, a[1]), (mats, hess))
-    w_new = jnp.swapaxes(w_new, -1, -2)
-    keep = jnp.swapaxes(keep, -1, -2)
+    w_new, keep = _prune_stack(mats, cal.hessian(path), counts, jnp.float32(dampening),
+                               nm=nm, block_size=block_size)
     if not _tree.is_traced(w_new) and not bool(jnp.all(jnp.isfinite(w_new))):
       raise ValueError(f"sparsegpt: the Hessian of leaf '{path}' could not be factored (non-"
                        f"finite update); raise `dampening` (now {dampening}).")
