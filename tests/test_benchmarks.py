@@ -106,3 +106,20 @@ def test_run_all_lists_every_benchmark_script(monkeypatch):
                       or types.SimpleNamespace(returncode=0))
   run_all.main(["--quick"])
   assert commands == [["-m", f"benchmarks.{name}", "--quick"] for name in run_all.BENCHMARKS]
+
+
+@pytest.mark.slow
+def test_oneshot_lm_benchmark_quick(tmp_path):
+  from benchmarks import oneshot_lm
+  rows = oneshot_lm.main(["--quick", "--out-dir", str(tmp_path / "out"),
+                          "--workdir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "d")])
+  doc = json.loads((tmp_path / "out" / "oneshot_lm.json").read_text())
+  assert doc["benchmark"] == "oneshot_lm" and doc["machine"]["jax"]
+  assert {(r["method"], r["sparsity"]) for r in doc["rows"]} == {
+      (m, "2:4") for m in ("magnitude", "wanda", "sparsegpt")} and len(rows) == 3
+  for r in doc["rows"]:
+    assert r["measured_sparsity"] == 0.5 and r["pruning_warm_s"] > 0
+    assert r["pruning_mem_bytes"] > 0
+  assert all(s["masks_equal"] for s in doc["extra"]["sharded"])   # 8 host devices == 1
+  assert doc["extra"]["recovery"][0]["sparsity_kept"] == 0.5
+  assert "| sparsegpt | 2:4 |" in (tmp_path / "out" / "oneshot_lm.md").read_text()

@@ -11,6 +11,7 @@ validation windows; bits per byte ``L / ln 2``; perplexity ``exp(L)`` (per byte)
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -83,8 +84,8 @@ def evaluate(graphdef, params, windows: np.ndarray, batch_size: int = 32) -> dic
     ...     "depth": 1, "num_heads": 2, "mlp_ratio": 2}})
     >>> gd, params = lm.split(lm.build_model(cfg))
     >>> m = lm.evaluate(gd, params, np.zeros((3, 9), np.int32), batch_size=2)
-    >>> round(m["bits_per_byte"], 1)                   # untrained: about log2(256) = 8 bits
-    8.0
+    >>> 7.5 < m["bits_per_byte"] < 9                  # untrained: about log2(256) = 8 bits
+    True
   """
   sums = _SUMS.get(graphdef)
   if sums is None:
@@ -153,7 +154,10 @@ def _state(params, opt_state, step):
   return {"params": params, "opt": opt_state, "step": step}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, log: Callable = print) -> dict:
+_print = functools.partial(print, flush=True)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, log: Callable = _print) -> dict:
   """Trains the dense LM (resuming from ``workdir``'s latest checkpoint) and writes
   ``lm_train.json``; returns its contents."""
   os.makedirs(workdir, exist_ok=True)
@@ -242,7 +246,7 @@ def finetune(config: ml_collections.ConfigDict, graphdef, params, masks, data: l
 
 
 def main(argv=None) -> dict:
-  from absl import app, flags
+  from absl import app, flags, logging
   from ml_collections import config_flags
 
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, lm_train.json).")
@@ -253,6 +257,8 @@ def main(argv=None) -> dict:
 
   def run(args):
     del args
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
+      logging.set_verbosity(logging.WARNING)
     result.update(train(flags.FLAGS.config, flags.FLAGS.workdir))
 
   app.run(run, argv=argv)

@@ -16,6 +16,7 @@ one at a time, each calibrated on the outputs of the already pruned blocks befor
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -156,7 +157,10 @@ def _fmt_recovery(rows) -> str:
   return "\n".join(lines)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable = print,
+_print = functools.partial(print, flush=True)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable = _print,
         recovery: bool = True) -> dict:
   """The one-shot table (and recovery) for the checkpoint in ``workdir``; see the module doc."""
   ckpt = os.path.join(workdir, "checkpoints")
@@ -225,7 +229,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable = prin
 
 
 def main(argv=None) -> dict:
-  from absl import app, flags
+  from absl import app, flags, logging
   from ml_collections import config_flags
 
   flags.DEFINE_string("workdir", None, "Run directory holding the dense LM checkpoint.")
@@ -237,6 +241,8 @@ def main(argv=None) -> dict:
 
   def go(args):
     del args
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
+      logging.set_verbosity(logging.WARNING)
     result.update(run(flags.FLAGS.config, flags.FLAGS.workdir, recovery=flags.FLAGS.recovery))
 
   app.run(go, argv=argv)

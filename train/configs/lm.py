@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(
       {"context": 256, "dim": 256, "depth": 4, "num_heads": 4, "mlp_ratio": 4})
 
-  c.num_steps = 600
+  c.num_steps = 500
   c.batch_size = 16
   c.learning_rate = 2e-3
   c.warmup_steps = 50
