@@ -160,6 +160,24 @@ class CalibrateTest(parameterized.TestCase):
     w = np.asarray(masks24.layers[1].weight)                   # (3, 8): groups along axis 1
     np.testing.assert_array_equal(w.reshape(3, 2, 4).sum(-1), 2)
 
+  def test_linen_and_haiku(self):
+    import flax.linen as fnn
+    import haiku as hk
+
+    x = jax.random.normal(jax.random.key(1), (12, 8))
+    linen = fnn.Sequential([fnn.Dense(8), fnn.relu, fnn.Dense(4)])
+    variables = linen.init(jax.random.key(0), x)
+    cal = jp.calibrate(lambda p, x: linen.apply({"params": p}, x), variables["params"], [x])
+    self.assertEqual(set(cal.grams), {"layers_0/kernel", "layers_2/kernel"})
+    np.testing.assert_allclose(cal.grams["layers_0/kernel"], x.T @ x, rtol=1e-5, atol=1e-4)
+    net = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([8, 4])(x)))
+    params = net.init(jax.random.key(0), x)
+    cal = jp.calibrate(net.apply, params, [x])
+    self.assertEqual(set(cal.grams), {"mlp/~/linear_0/w", "mlp/~/linear_1/w"})
+    _, masks = jp.sparsegpt(params, cal, 0.5, structure=jp.n_of_m(2, 4))
+    self.assertEqual(float(jp.sparsity(masks)), 0.5)
+    self.assertEqual(masks["mlp/~/linear_0"]["b"].shape, ())
+
   @parameterized.named_parameters(("flax_2d", "flax"), ("equinox_1d", "eqx"))
   def test_convolution_patch_order(self, kind):
     """‖conv(x, W)‖² = tr(WᵀGW) for the kernel's (n_in, n_out) view: the Gram's features are
