@@ -61,7 +61,9 @@ class _Static:
 
 
 def _is_array(x) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic, float, int, complex, bool))
+  """Arrays are traced; anything else (functions, Python numbers: Equinox's static fields) is
+  a static part of the program, as ``eqx.partition(m, eqx.is_array)`` splits a module."""
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
 def _split_static(params):
