@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.recovery = ml_collections.ConfigDict()
   c.recovery.targets = ("magnitude@2:4", "sparsegpt@2:4")
   c.recovery.losses = ("ce", "kd")
-  c.recovery.steps = 100
+  c.recovery.steps = 50
   c.recovery.learning_rate = 3e-4
   c.recovery.batch_size = 16
   c.recovery.temperature = 1.0
