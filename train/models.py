@@ -52,7 +52,7 @@ from flax import nnx
 
 __all__ = [
     "CNN", "MLP", "MODELS", "RNN", "ResNet", "Transformer", "create_model", "eval_view",
-    "train_view",
+    "train_view", "DecoderBlock", "DecoderLM",
 ]
 
 _BN_MOMENTUM = 0.9  # short runs: running stats must track the weights within ~tens of steps
