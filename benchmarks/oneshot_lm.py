@@ -121,7 +121,15 @@ for method, spec in {cases!r}:
               for a, b in zip(jax.tree.leaves(m1), jax.tree.leaves(m8)))
   out.append(dict(method=method, sparsity=spec, masks_equal=equal, seconds_1=runs["1"][0],
                   seconds_8=runs["8"][0], ratio=runs["8"][0] / runs["1"][0]))
-print("SHARDED " + json.dumps(out))
+# Collectives in the per-batch calibration program of one block on the 8-device mesh.
+from jaxprune.calibration import collect
+block_fn, embed_fn = oneshot_lm._block_fn(graphdef, params)
+with jax.set_mesh(mesh):
+  p = jax.device_put(params, NamedSharding(mesh, P()))
+  x = embed_fn(p, jax.device_put(batches[0], NamedSharding(mesh, P("data"))))
+  hlo = collect._programs(block_fn, None)[0].lower(p["blocks"][0], x).compile().as_text()
+reductions = sum(hlo.count(s) for s in ("all-reduce(", "all-reduce-start("))
+print("SHARDED " + json.dumps({{"cases": out, "calibration_all_reduces_per_batch": reductions}}))
 """
 
 
@@ -138,6 +146,18 @@ def sharded_check(quick: bool, workdir: str, data_dir: str | None) -> list[dict]
     raise RuntimeError(f"sharded check failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
   line = [ln for ln in proc.stdout.splitlines() if ln.startswith("SHARDED ")][-1]
   return json.loads(line[len("SHARDED "):])
+
+
+def _sharded_table(sharded: dict) -> str:
+  lines = ["| method | sparsity | masks 8 devices == 1 device | time 1 device | 8 devices | "
+           "ratio |", "|---|---|---|---:|---:|---:|"]
+  for r in sharded["cases"]:
+    lines.append(f"| {r['method']} | {r['sparsity']} | {'yes' if r['masks_equal'] else 'NO'} | "
+                 f"{common.fmt_seconds(r['seconds_1'])} | {common.fmt_seconds(r['seconds_8'])} "
+                 f"| {common.fmt_ratio(r['ratio'])} |")
+  lines += ["", f"All-reduces in one block's per-batch calibration program on 8 devices: "
+            f"{sharded['calibration_all_reduces_per_batch']} (6 Gram matrices)."]
+  return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
@@ -209,12 +229,6 @@ def main(argv=None) -> list[dict]:
     rec.append(f"| {r['target']} | {'cross-entropy' if r['loss'] == 'ce' else 'distillation (KL)'}"
                f" | {r['before_bpb']:.4f} | {r['after_bpb']:.4f} | {r['dense_bpb']:.4f} | "
                f"{100 * r['recovered']:.0f}% | {r['dense_finetuned_bpb']:.4f} |")
-  shard = ["| method | sparsity | masks 8 devices == 1 device | time 1 device | 8 devices | "
-           "ratio |", "|---|---|---|---:|---:|---:|"]
-  for r in sharded:
-    shard.append(f"| {r['method']} | {r['sparsity']} | {'yes' if r['masks_equal'] else 'NO'} | "
-                 f"{common.fmt_seconds(r['seconds_1'])} | {common.fmt_seconds(r['seconds_8'])} | "
-                 f"{common.fmt_ratio(r['ratio'])} |")
   notes = [
       f"Dense LM: {trained['params']:,} parameters, {trained['steps']} steps of "
       f"{config.batch_size}×{d.context} bytes ({trained['tokens_seen']:,} bytes seen) in "
@@ -239,7 +253,7 @@ def main(argv=None) -> list[dict]:
       "oneshot_lm", title="One-shot pruning of a byte-level LM: magnitude, Wanda, SparseGPT",
       rows=result["rows"], tables=[table, "Recovery (masks held):\n\n" + "\n".join(rec),
                                    "Sharded calibration and pruning, 8 host devices vs 1:\n\n"
-                                   + "\n".join(shard)],
+                                   + _sharded_table(sharded)],
       config={"quick": args.quick, "workdir": workdir, "lm": config.to_dict()},
       notes=notes, out_dir=args.out_dir, machine=machine,
       extra={"dense": dense, "recovery": result["recovery"], "sharded": sharded,
