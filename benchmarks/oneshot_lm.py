@@ -167,7 +167,7 @@ def main(argv=None) -> list[dict]:
                       "one with --quick); trained there if it has no checkpoint")
   p.add_argument("--data-dir", default=None, help="TFDS data directory")
   args = p.parse_args(argv)
-  workdir = args.workdir or (tempfile.mkdtemp() if args.quick
+  workdir = os.path.abspath(args.workdir) if args.workdir else (tempfile.mkdtemp() if args.quick
                              else os.path.join(ROOT, "runs", "oneshot_lm"))
   config = make_config(args.quick, args.data_dir)
   machine = common.machine_info()

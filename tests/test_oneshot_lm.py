@@ -74,9 +74,10 @@ def _tiny_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_oneshot_lm_end_to_end(tmp_path):
+def test_oneshot_lm_end_to_end(tmp_path, monkeypatch):
   c = _tiny_config(tmp_path)
-  workdir = str(tmp_path / "run")
+  monkeypatch.chdir(tmp_path)
+  workdir = "run"                                            # relative: orbax needs absolute
   oneshot_lm.run(c, workdir, log=lambda *a: None)   # trains the dense LM first
   with open(os.path.join(workdir, "lm_train.json")) as f:
     train = json.load(f)

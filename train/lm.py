@@ -160,6 +160,7 @@ _print = functools.partial(print, flush=True)
 def train(config: ml_collections.ConfigDict, workdir: str, *, log: Callable = _print) -> dict:
   """Trains the dense LM (resuming from ``workdir``'s latest checkpoint) and writes
   ``lm_train.json``; returns its contents."""
+  workdir = os.path.abspath(workdir)  # orbax needs absolute paths
   os.makedirs(workdir, exist_ok=True)
   data = load_data(config)
   graphdef, params = split(build_model(config))
@@ -208,6 +209,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, log: Callable = _p
 
 def restore(config: ml_collections.ConfigDict, workdir: str):
   """``(graphdef, params)`` of the latest checkpoint in ``workdir`` (from :func:`train`)."""
+  workdir = os.path.abspath(workdir)
   graphdef, params = split(build_model(config))
   tx = optimizer(config, config.num_steps, config.learning_rate)
   with checkpointing.Checkpoints(os.path.join(workdir, "checkpoints")) as ckpts:

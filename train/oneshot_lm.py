@@ -163,6 +163,7 @@ _print = functools.partial(print, flush=True)
 def run(config: ml_collections.ConfigDict, workdir: str, *, log: Callable = _print,
         recovery: bool = True) -> dict:
   """The one-shot table (and recovery) for the checkpoint in ``workdir``; see the module doc."""
+  workdir = os.path.abspath(workdir)
   ckpt = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt) or not os.listdir(ckpt):
     log(f"no checkpoint in {workdir}: training the dense LM first")
