@@ -22,7 +22,7 @@ import time
 from benchmarks import common
 
 BENCHMARKS = ["masks", "step_overhead", "accuracy", "state_memory", "scaling", "surgery_speed",
-              "fairness", "fairness_recipe", "model_scale", "sparse_inference"]
+              "fairness", "fairness_recipe", "model_scale", "sparse_inference", "oneshot_lm"]
 """Every benchmark script, in the order ``run_all`` runs them."""
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")

@@ -5,7 +5,7 @@ sparse while it trains, surgery that makes structured-pruned models physically s
 analysis of what pruning costs. See README.md and docs/design.md.
 """
 # Layers 7-8 import the core above, so they come last.
-from jaxprune import analysis, stacking, surgery, tree  # noqa: E402
+from jaxprune import analysis, calibration, stacking, surgery, tree  # noqa: E402
 from jaxprune.allocation import erk_sparsities
 from jaxprune.analysis import (  # noqa: E402
                              accuracy_vs_sparsity,
@@ -19,6 +19,7 @@ from jaxprune.analysis import (  # noqa: E402
                              pruning_identified_exemplars,
                              seed_spread,
 )
+from jaxprune.calibration import Calibration, calibrate, sequential, sparsegpt, wanda  # noqa: E402
 from jaxprune.compress import as_compressed, compress, decompress  # noqa: E402
 from jaxprune.fixed_masks import keep_masks  # noqa: E402
 from jaxprune.group_pruning import group_pruning  # noqa: E402
@@ -90,6 +91,8 @@ __all__ = [
     # surgery
     "surgery", "channel_groups", "group_scores", "group_masks", "shrink", "shrink_module",
     "module_fn",
+    # calibration
+    "calibration", "calibrate", "Calibration", "wanda", "sparsegpt", "sequential",
     # analysis
     "analysis", "per_group_metrics", "disparate_impact", "pruning_identified_exemplars",
     "mask_overlap", "pairwise_mask_overlap", "seed_spread", "layer_sensitivity",

@@ -136,3 +136,22 @@ def test_sparse_inference_benchmark_writes_sizes_and_ratios(tmp_path):
     assert ms == want, (model, structure, batch, ms)
   md = (tmp_path / "sparse_inference.md").read_text()
   assert "### File sizes" in md and "### Inference time ÷ dense: MLP" in md
+
+
+@pytest.mark.slow
+def test_oneshot_lm_benchmark_quick(tmp_path):
+  from benchmarks import oneshot_lm
+  rows = oneshot_lm.main(["--quick", "--out-dir", str(tmp_path / "out"),
+                          "--workdir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "d")])
+  doc = json.loads((tmp_path / "out" / "oneshot_lm.json").read_text())
+  assert doc["benchmark"] == "oneshot_lm" and doc["machine"]["jax"]
+  assert {(r["method"], r["sparsity"]) for r in doc["rows"]} == {
+      (m, "2:4") for m in ("magnitude", "wanda", "sparsegpt")} and len(rows) == 3
+  for r in doc["rows"]:
+    assert r["measured_sparsity"] == 0.5 and r["pruning_warm_s"] > 0
+    assert r["pruning_mem_bytes"] > 0
+  sharded = doc["extra"]["sharded"]
+  assert all(s["masks_equal"] for s in sharded["cases"])   # 8 host devices == 1
+  assert sharded["calibration_all_reduces_per_batch"] >= 1
+  assert doc["extra"]["recovery"][0]["sparsity_kept"] == 0.5
+  assert "| sparsegpt | 2:4 |" in (tmp_path / "out" / "oneshot_lm.md").read_text()

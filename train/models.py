@@ -52,7 +52,7 @@ from flax import nnx
 
 __all__ = [
     "CNN", "MLP", "MODELS", "RNN", "ResNet", "Transformer", "create_model", "eval_view",
-    "train_view",
+    "train_view", "DecoderBlock", "DecoderLM",
 ]
 
 _BN_MOMENTUM = 0.9  # short runs: running stats must track the weights within ~tens of steps
@@ -427,3 +427,99 @@ def create_model(name: str, *, input_shape: Sequence[int], num_classes: int, rng
     raise ValueError(f"name: unknown model {name!r}; expected one of {sorted(MODELS)}")
   return MODELS[name](tuple(input_shape), num_classes, rngs=rngs, **kwargs)
 
+
+
+# ----------------------------------------------------------------------------- language model
+
+
+class _CausalSelfAttention(nnx.Module):
+  """Multi-head causal self-attention with four ``(dim, dim)`` projections (``nnx.Linear``
+  kernels ``(in, out)``, so N:M pruning runs along each projection's inputs)."""
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.query = nnx.Linear(dim, dim, rngs=rngs)
+    self.key = nnx.Linear(dim, dim, rngs=rngs)
+    self.value = nnx.Linear(dim, dim, rngs=rngs)
+    self.out = nnx.Linear(dim, dim, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, d = x.shape
+    heads = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
+    y = jax.nn.dot_product_attention(heads(self.query(x)), heads(self.key(x)),
+                                     heads(self.value(x)), is_causal=True)
+    return self.out(y.reshape(b, t, d))
+
+
+class DecoderBlock(nnx.Module):
+  """Pre-LayerNorm decoder block: ``x + attn(LN(x))``, then ``x + W₂ gelu(W₁ LN(x))``."""
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *, rngs: nnx.Rngs):
+    self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
+    self.attn = _CausalSelfAttention(dim, num_heads, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
+    self.fc1 = nnx.Linear(dim, mlp_ratio * dim, rngs=rngs)
+    self.fc2 = nnx.Linear(mlp_ratio * dim, dim, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.attn(self.ln1(x))
+    return x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
+
+
+class DecoderLM(nnx.Module):
+  """A byte-level decoder-only transformer language model (GPT-2 style, pre-LayerNorm, GELU).
+
+  ``tokens: int32 (B, T)`` with ``T <= context`` → next-token logits ``(B, T, vocab)``.
+  Learned token and position embeddings, ``depth`` :class:`DecoderBlock` s, a final LayerNorm
+  and an untied ``head``. The three stages are also methods, so the blocks can be pruned one at
+  a time (:func:`jaxprune.sequential`): ``embed_tokens(tokens)`` → each ``blocks[i](x)`` →
+  ``logits(x)``.
+
+  Parameter paths: ``embed/embedding``, ``pos_embed``, ``blocks/{i}/attn/{query,key,value,out}/
+  kernel``, ``blocks/{i}/fc1/kernel``, ``blocks/{i}/fc2/kernel``, ``head/kernel`` (+ biases and
+  LayerNorm scales).
+
+  Args:
+    vocab: vocabulary size (256 for bytes).
+    context: the longest sequence (size of the position embedding).
+    dim: width.
+    depth: number of blocks.
+    num_heads: attention heads (must divide ``dim``).
+    mlp_ratio: MLP hidden width over ``dim``.
+    rngs: initialization keys.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from train import models
+    >>> lm = models.DecoderLM(context=16, dim=32, depth=2, num_heads=2, rngs=nnx.Rngs(0))
+    >>> lm(jnp.zeros((3, 16), jnp.int32)).shape
+    (3, 16, 256)
+  """
+
+  def __init__(self, *, vocab: int = 256, context: int = 256, dim: int = 256, depth: int = 4,
+               num_heads: int = 4, mlp_ratio: int = 4, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"lm/num_heads: {num_heads} does not divide dim={dim}")
+    self.context = context
+    self.embed = nnx.Embed(vocab, dim, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (context, dim)))
+    self.blocks = nnx.List([DecoderBlock(dim, num_heads, mlp_ratio, rngs=rngs)
+                            for _ in range(depth)])
+    self.ln_f = nnx.LayerNorm(dim, rngs=rngs)
+    self.head = nnx.Linear(dim, vocab, rngs=rngs)
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    t = tokens.shape[-1]
+    if t > self.context:
+      raise ValueError(f"tokens: length {t} exceeds the model's context {self.context}")
+    return self.embed(tokens) + self.pos_embed[...][None, :t]
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    return self.head(self.ln_f(x))
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    x = self.embed_tokens(tokens)
+    for block in self.blocks:
+      x = block(x)
+    return self.logits(x)
