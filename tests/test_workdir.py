@@ -285,6 +285,10 @@ def test_command_line_exits_non_zero_on_divergence(tmp_path, data_dir):
     (dict(pruning__method="lasso"), r"^pruning\.method: expected one of \['dense', "),
     (dict(model="lenet"), r"^model: expected one of \["),
     (dict(lr_schedule="linear"), r"^lr_schedule: expected one of \['cosine', 'constant'\]"),
+    (dict(pruning__structure="2:4"), r"^pruning\.sparsity: the structure 2:4 gives sparsity 0\.5 "
+                                     r"only, got 0\.9"),
+    (dict(pruning__structure="2:4", pruning__sparsity=0.5),
+     r"^pruning\.method: 'gmp' ramps the sparsity through values the structure 2:4 cannot give"),
 ])
 def test_config_errors_name_the_key(overrides, match):
   from train.configs import gmp

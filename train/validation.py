@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from typing import Any
@@ -111,6 +112,22 @@ def _schedule_steps(config: ml_collections.ConfigDict, n: int) -> None:
                      f"got {end}")
 
 
+def _n_of_m_sparsity(p: ml_collections.ConfigDict, method: str) -> None:
+  """An ``"N:M"`` structure gives the sparsity ``1 - N/M`` only, and in one step."""
+  match = re.fullmatch(r"\s*(\d+):(\d+)\s*", str(p.get("structure", "unstructured")))
+  if not match or method == "dense":
+    return
+  n, m = int(match.group(1)), int(match.group(2))
+  if m <= 0 or n > m:
+    return  # experiment.parse_structure names the bad structure
+  if abs(float(p.sparsity) - (1 - n / m)) > 1e-6:
+    raise ValueError(f"pruning.sparsity: the structure {n}:{m} gives sparsity {1 - n / m:g} only, "
+                     f"got {p.sparsity}; set pruning.sparsity={1 - n / m:g}.")
+  if method in GRADUAL:
+    raise ValueError(f"pruning.method: {method!r} ramps the sparsity through values the structure "
+                     f"{n}:{m} cannot give; use pruning.method='oneshot' for N:M.")
+
+
 def _min_steps(every: int) -> int:
   """The fewest ``num_steps`` for which the default gradual schedule is not empty."""
   n = 1
@@ -175,6 +192,7 @@ def validate_config(config: ml_collections.ConfigDict, *,
   _float(config, "pruning.sparsity", high=1.0)
   if method in GRADUAL:
     _schedule_steps(config, n)
+  _n_of_m_sparsity(p, method)
   if method in ("set", "rigl"):
     _int(config, "pruning.update_every", minimum=1)
   if method == "oneshot":
