@@ -64,11 +64,11 @@ def make_config(quick: bool, data_dir: str | None):
 def _block_programs(config, graphdef, params, batches, method, spec):
   """Compiled memory of the calibration program and of the pruning program of block 0."""
   sparsity, st = oneshot_lm.parse_sparsity(spec)
-  block_fn, embed_fn = oneshot_lm._block_fn(graphdef, params)  # noqa: SLF001
+  block_fn, embed_fn = oneshot_lm.block_functions(graphdef, params)
   block = params["blocks"][0]
   x = embed_fn(params, batches[0])
   from jaxprune.calibration import collect
-  per_batch, _ = collect._programs(block_fn, None)  # noqa: SLF001
+  per_batch, _ = collect.batch_programs(block_fn, None)
   cal_mem = common.memory_of(per_batch.lower(block, x).compile())
   cal = jp.calibrate(block_fn, block, [embed_fn(params, b) for b in batches])
   fn = jp.wanda if method == "wanda" else jp.sparsegpt
@@ -123,11 +123,11 @@ for method, spec in {cases!r}:
                   seconds_8=runs["8"][0], ratio=runs["8"][0] / runs["1"][0]))
 # Collectives in the per-batch calibration program of one block on the 8-device mesh.
 from jaxprune.calibration import collect
-block_fn, embed_fn = oneshot_lm._block_fn(graphdef, params)
+block_fn, embed_fn = oneshot_lm.block_functions(graphdef, params)
 with jax.set_mesh(mesh):
   p = jax.device_put(params, NamedSharding(mesh, P()))
   x = embed_fn(p, jax.device_put(batches[0], NamedSharding(mesh, P("data"))))
-  hlo = collect._programs(block_fn, None)[0].lower(p["blocks"][0], x).compile().as_text()
+  hlo = collect.batch_programs(block_fn, None)[0].lower(p["blocks"][0], x).compile().as_text()
 reductions = sum(hlo.count(s) for s in ("all-reduce(", "all-reduce-start("))
 print("SHARDED " + json.dumps({{"cases": out, "calibration_all_reduces_per_batch": reductions}}))
 """

@@ -348,7 +348,7 @@ def test_sharded_calibration_equals_unsharded():
       ps = jax.device_put(params, NamedSharding(mesh, P()))
       xss = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in xs]
       cal8 = jp.calibrate(fn, ps, xss)
-      per_batch, _ = collect._programs(fn, None)
+      per_batch, _ = collect.batch_programs(fn, None)
       hlo = per_batch.lower(ps, xss[0]).compile().as_text()
       check(cal8, [jp.wanda(ps, cal8, 0.5)[1], jp.sparsegpt(ps, cal8, 0.5)[1]])
     print("REDUCTIONS", sum(hlo.count(s) for s in ("all-reduce(", "all-reduce-start(")))

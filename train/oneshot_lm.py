@@ -68,7 +68,7 @@ def calibration_batches(config: ml_collections.ConfigDict, data: lm_data.TextDat
   return [jnp.asarray(w[i:i + o.calibration_batch]) for i in range(0, len(w), o.calibration_batch)]
 
 
-def _block_fn(graphdef, params) -> tuple[Callable, Callable]:
+def block_functions(graphdef, params) -> tuple[Callable, Callable]:
   """``(block_fn, embed_fn)``: one block's ``(block_params, x) -> y`` (the same function for
   every block: their graphdefs are equal) and ``(params, tokens) -> first block's input``."""
   model = nnx.merge(graphdef, params)
@@ -119,7 +119,7 @@ def prune_lm(config: ml_collections.ConfigDict, graphdef, params, batches, metho
   if o.sequential:
     key = (graphdef, "block")
     if key not in _CACHE:
-      _CACHE[key] = _block_fn(graphdef, params)
+      _CACHE[key] = block_functions(graphdef, params)
     block_fn, embed_fn = _CACHE[key]
     xs = [embed_fn(params, b) for b in batches]
     blocks = [params["blocks"][i] for i in range(config.model.depth)]

@@ -66,7 +66,7 @@ def wanda(params, cal: Calibration, sparsity, *, structure=None,
   Examples:
     >>> import jax, jax.numpy as jnp, jaxprune as jp
     >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 4)), "b": jnp.zeros(4)}
-    >>> fn = lambda p, x: x @ p["w"] + p["b"]
+    >>> fn = lambda p, x: x @ p["w"] + p["b"][None, :]
     >>> cal = jp.calibrate(fn, params, [jax.random.normal(jax.random.key(1), (16, 8))])
     >>> pruned, masks = jp.wanda(params, cal, 0.5)
     >>> masks["w"].sum(axis=0).tolist()                  # each output keeps 4 of its 8 inputs
@@ -84,7 +84,8 @@ def wanda(params, cal: Calibration, sparsity, *, structure=None,
     scores = jnp.abs(lay.to_matrix(leaves[i]).astype(jnp.float32))
     scores = scores * cal.input_norms(paths[i])[:, :, None]
     names = _select.slice_names(paths[i], lay)
-    keep = masks_lib.topk_mask({n: scores[j] for j, n in enumerate(names)}, s, structure=st)
+    keep = masks_lib.topk_mask({n: scores[j] for j, n in enumerate(names)}, s, structure=st,
+                               layout="flax")  # every slice is an (n_in, n_out) matrix here
     masks[i] = lay.from_matrix(jnp.stack([keep[n] for n in names]))
   masks = jax.tree.unflatten(treedef, masks)
   return masks_lib.apply_masks(params, masks), masks

@@ -73,7 +73,7 @@ def _split_static(params):
 
 
 @functools.lru_cache(maxsize=64)
-def _programs(fn, where):
+def batch_programs(fn, where):
   jitted = jax.jit(_per_batch_fn(fn, where), static_argnums=1)
 
   def run(params, batch):
@@ -131,9 +131,9 @@ def calibrate(fn: Callable[[Any, Any], Any], params, batches: Iterable[Any], *,
     ((4, 4), 6, (0,))
   """
   try:
-    per_batch, add = _programs(fn, where)
+    per_batch, add = batch_programs(fn, where)
   except TypeError:  # an unhashable fn or where: no program cache
-    per_batch, add = _programs.__wrapped__(fn, where)
+    per_batch, add = batch_programs.__wrapped__(fn, where)
   acc = None
   for batch in batches:
     stats = per_batch(params, batch)

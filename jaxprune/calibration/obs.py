@@ -111,7 +111,7 @@ def prune_matrix(w: jax.Array, h: jax.Array, counts: jax.Array | None = None, *,
         keep_g = ~masks_lib.lowest_k(score, k_block)
       else:
         st = structure_lib.n_of_m(nm[0], nm[1], axis=1)
-        keep_g = masks_lib.topk_mask({"w": score}, st.sparsity, structure=st)["w"]
+        keep_g = masks_lib.topk_mask({"w": score}, st.sparsity, structure=st, layout="flax")["w"]
 
       def column(j, carry):
         w1, err1 = carry
@@ -208,7 +208,7 @@ def sparsegpt(params, cal: Calibration, sparsity, *, structure=None, block_size:
   Examples:
     >>> import jax, jax.numpy as jnp, jaxprune as jp
     >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 4)), "b": jnp.zeros(4)}
-    >>> fn = lambda p, x: x @ p["w"] + p["b"]
+    >>> fn = lambda p, x: x @ p["w"] + p["b"][None, :]
     >>> batches = [jax.random.normal(jax.random.key(i), (32, 8)) for i in range(2)]
     >>> cal = jp.calibrate(fn, params, batches)
     >>> pruned, masks = jp.sparsegpt(params, cal, 0.5)
