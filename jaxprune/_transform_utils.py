@@ -197,7 +197,9 @@ def check_step(count, every, end):
 
 def nonzero_pruned(masks, params, chosen) -> tuple[jax.Array, jax.Array]:
   """Per chosen leaf (in order): how many weights ``masks`` prune are nonzero in ``params``, and
-  how many it prunes; int32 vectors. One fused two-output reduction per leaf."""
+  how many it prunes; int32 vectors. One fused two-output reduction per leaf. A non-finite
+  pruned weight is not counted: ``p + (-p)`` is NaN for it whatever the chain does (see
+  "Non-finite params" in :mod:`jaxprune.transforms`), so it says nothing about misplacement."""
   treedef = jax.tree.structure(params)
   bad, pruned = [], []
   for m, p, c in zip(treedef.flatten_up_to(masks), jax.tree.leaves(params), chosen, strict=True):
@@ -208,7 +210,7 @@ def nonzero_pruned(masks, params, chosen) -> tuple[jax.Array, jax.Array]:
       pruned.append(jnp.zeros((), jnp.int32))
       continue
     counts = count_many(
-        [p], [lambda a, m=m: ~m & (a != 0), lambda a, m=m: ~m], None)
+        [p], [lambda a, m=m: ~m & (a != 0) & jnp.isfinite(a), lambda a, m=m: ~m], None)
     bad.append(counts[0])
     pruned.append(counts[1])
   if not bad:
