@@ -100,7 +100,7 @@ def collectives(fn, *args):
   return outside, [count(b) for b in loops]
 
 mesh = jax.make_mesh((4, 2), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
-n = 16
+n = 8
 keys = jax.random.split(jax.random.key(1), n)
 params = {f"w{i:02d}": jax.random.normal(keys[i], (32, 64)) for i in range(n)}
 params["w03"] = params["w03"].at[3:9].set(jnp.nan)
