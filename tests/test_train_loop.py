@@ -52,7 +52,6 @@ def _env():
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # compiles faster; the same in all three runs
-  env.pop("XLA_FLAGS", None)
   return env
 
 
