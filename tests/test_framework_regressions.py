@@ -255,11 +255,13 @@ def _params():
 
 
 def _train(tx, params, steps=2, **extra):
-  state = tx.init(params)
-  for _ in range(steps):
+  """``steps`` updates in one jitted loop (eagerly, every step compiled the wrappers' conds)."""
+  def step(_, carry):
+    params, state = carry
     updates, state = tx.update(jax.tree.map(jnp.sin, params), state, params, **extra)
-    params = optax.apply_updates(params, updates)
-  return params, state
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(lambda p, s: jax.lax.fori_loop(0, steps, step, (p, s)))(params, tx.init(params))
 
 
 def test_masks_from_state_through_masked_and_multi_transform():

@@ -212,17 +212,17 @@ def _pytree() -> Case:
     return out * p["scales"][0][0]
 
   def train(tx, steps):
-    p, opt_state = params, tx.init(params)
-
-    @jax.jit
-    def step(p, opt_state):
+    def step(_, carry):
+      p, opt_state = carry
       grads = jax.grad(lambda p: _mse(fn(p, X)))(p)
       updates, opt_state = tx.update(grads, opt_state, p)
       return optax.apply_updates(p, updates), opt_state
 
-    for _ in range(steps):
-      p, opt_state = step(p, opt_state)
-    return p, opt_state
+    # All steps in one program: a loop of jitted steps would compile three times, as the
+    # Python float (weak-typed) comes back from the first step, and its Adam moments from the
+    # second, as float32 arrays.
+    return jax.jit(lambda p, s, n: jax.lax.fori_loop(0, n, step, (p, s)))(
+        params, tx.init(params), steps)
 
   return Case("pytree", params, {"blocks/0/kernel": (0, 1), "blocks/1/kernel": (0, 1)},
               train, fn)

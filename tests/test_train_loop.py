@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -37,21 +36,48 @@ def mock_info():
 
 # --- resume after SIGKILL -------------------------------------------------------------------------
 
-def _cli(workdir, data_dir, extra=()):
-  return [sys.executable, "-m", "train", "--config", "train/configs/imp.py",
-          "--workdir", str(workdir), f"--config.data_dir={data_dir}",
-          "--config.model=mlp", "--config.model_kwargs.mlp.hidden=(16,)",
-          "--config.num_steps=600", "--config.pruning.rounds=2",
-          "--config.pruning.rewind_step=50", "--config.checkpoint_every=100",
-          "--config.keep_checkpoints=10", "--config.eval_every=100", "--config.log_every=25",
-          "--config.progress=False", *extra]
+_ARGS = ("--config", "train/configs/imp.py", "--config.model=mlp",
+         "--config.model_kwargs.mlp.hidden=(16,)", "--config.num_steps=300",
+         "--config.pruning.rounds=2", "--config.pruning.rewind_step=25",
+         "--config.checkpoint_every=50", "--config.keep_checkpoints=10",
+         "--config.eval_every=50", "--config.log_every=10", "--config.progress=False")
+
+
+def _cli(workdir, data_dir):
+  return [sys.executable, "-m", "train", *_ARGS, "--workdir", str(workdir),
+          f"--config.data_dir={data_dir}"]
+
+
+# One process, the CLI's own flags and main: the uninterrupted run into ``full``, then the same
+# command into ``killed``, which waits after step 75 (past its rewind point, step 25, and its
+# first checkpoint, step 50; before the first prune, step 100) until the test SIGKILLs it.
+# The reference shares the compiled programs of the run to be killed: one process less.
+_FULL_THEN_KILLED = """
+import sys, time
+from absl import flags
+from train import main
+main._define_flags()
+flags.FLAGS(sys.argv)
+main.main(sys.argv[:1])
+from train import train
+step = train._Progress.__call__
+def wait_at_75(self, done, metrics):
+  step(self, done, metrics)
+  if done == 75:
+    print("waiting", flush=True)
+    while True:
+      time.sleep(1)
+train._Progress.__call__ = wait_at_75
+flags.FLAGS.workdir = sys.argv.pop()
+main.main(sys.argv[:1])
+"""
 
 
 def _env():
   env = dict(os.environ)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env["JAX_PLATFORMS"] = "cpu"
-  env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # compiles faster; the same in all three runs
+  env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # compiles faster; the same in all the runs
   return env
 
 
@@ -61,28 +87,27 @@ def _npz(path):
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, data_dir):
-  # IMP with rewinding: the killed run has saved its rewind point (step 50) and its first
-  # checkpoint (step 100); the resumed run must restore both and then prune, rewind and
-  # restart the optimizer at steps 200 and 400 exactly as the uninterrupted run did.
+  # IMP with rewinding: the killed run has saved its rewind point (step 25) and its first
+  # checkpoint (step 50); the resumed run must restore both and then prune, rewind and
+  # restart the optimizer at steps 100 and 200 exactly as the uninterrupted run did.
   full, killed = tmp_path / "full", tmp_path / "killed"
-  proc = subprocess.Popen(_cli(killed, data_dir), cwd=ROOT, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  first = killed / "checkpoints" / "100"
-  deadline = time.time() + 240
-  while not first.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.01)
+  argv = [sys.executable, "-c", _FULL_THEN_KILLED, *_cli(full, data_dir)[3:], str(killed)]
+  proc = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  lines = iter(proc.stdout.readline, "")  # the reference's final line, then "waiting"
+  line = next((x for x in lines if x == "waiting\n"), "")  # "" if it ended
+  first = killed / "checkpoints" / "50"
+  assert (full / "params.npz").exists() and first.exists(), (line, proc.poll())
   proc.send_signal(signal.SIGKILL)
-  _, err = proc.communicate()
-  assert proc.returncode == -signal.SIGKILL, err.decode()[-3000:]
-  assert first.exists() and not (killed / "params.npz").exists()
-  assert not (killed / "checkpoints" / "600").exists()
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, (line + out + err)[-3000:]
+  assert line == "waiting\n" and not (killed / "params.npz").exists()
+  assert not (killed / "checkpoints" / "100").exists()
+  assert not (killed / "checkpoints" / "300").exists()
 
   rerun = subprocess.run(_cli(killed, data_dir), cwd=ROOT, env=_env(), capture_output=True,
                          text=True, timeout=300)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  ref = subprocess.run(_cli(full, data_dir), cwd=ROOT, env=_env(), capture_output=True,
-                       text=True, timeout=300)
-  assert ref.returncode == 0, ref.stderr[-3000:]
 
   a, b = _npz(killed / "params.npz"), _npz(full / "params.npz")
   assert a.keys() == b.keys()
@@ -96,8 +121,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, data_dir):
   ma, mb = reporting.read_metrics(killed), reporting.read_metrics(full)
   train_steps = [m["step"] for m in ma if "loss" in m]
   assert train_steps == sorted(set(train_steps)) == [m["step"] for m in mb if "loss" in m]
+  assert train_steps == list(range(10, 301, 10))
   fa, fb = ma[-1], mb[-1]
-  assert fa["final"] and fa["step"] == 600
+  assert fa["final"] and fa["step"] == 300
   for key in ("test_accuracy", "test_loss", "sparsity", "params", "nonzero_params"):
     assert fa[key] == fb[key], key
   for name in ("report.md", "curves.png", "sparsity.png", "config.json"):
