@@ -175,16 +175,13 @@ def _masks_fn(score_fn, structure, scope, distribution, where, accumulate, strai
       check(masks)
       return masks
 
-    def check_and_recompute(masks):
-      check(masks)
-      return recompute(masks)
-
     is_update = (count % every == 0) & (count < end)
-    if straight_through:
-      return lax.cond(is_update, recompute, keep, masks), acc
-    branch = jnp.where(is_update & (count > 0), 3, jnp.where(
-        is_update, 2, jnp.where(_util.check_step(count, every, end), 1, 0)))
-    return lax.switch(branch, [keep, check_only, recompute, check_and_recompute], masks), acc
+    if not straight_through:
+      # Its own cond before the update's (check_step holds on every update step after 0): one
+      # switch over (check, recompute) pairs held the whole selection twice, and so compiled it
+      # twice.
+      masks = lax.cond(_util.check_step(count, every, end), check_only, keep, masks)
+    return lax.cond(is_update, recompute, keep, masks), acc
 
   return new_masks
 

@@ -8,14 +8,15 @@ import numpy as np
 from jax import lax
 
 
-def count_many(arrays, predicates, group_axes, *, per_array=False):
+def count_many(arrays, predicates, group_axes, *, per_array=False, stack=True):
   """For each predicate ``f_j``: how many elements have ``f_j(a)`` true (per group, or in all).
 
   All predicates are counted in ONE variadic ``lax.reduce`` per array: one pass over memory, no
   intermediate the size of the array. (XLA:CPU does not fuse a single-output ``reduce``, nor an
   output it can hoist out of a loop or drop as unused, with its producer: it writes an int32
   copy of the array first. Callers count two or more predicates that they use.) With
-  ``per_array``, a list of one count array per array.
+  ``per_array``, a list of one count array per array. Without ``stack``, each array's counts
+  are a tuple, one per predicate (no concatenate kernel after the reduction).
   """
   per = []
   for a in arrays:
@@ -26,8 +27,11 @@ def count_many(arrays, predicates, group_axes, *, per_array=False):
     if group_axes is not None:
       kd = tuple(1 if i in axes else n for i, n in enumerate(a.shape))
       counts = tuple(c.reshape(kd) for c in counts)
-    per.append(jnp.stack(counts, axis=-1))
-  return per if per_array else functools.reduce(jnp.add, per)
+    per.append(jnp.stack(counts, axis=-1) if stack else tuple(counts))
+  if per_array:
+    return per
+  return functools.reduce(jnp.add, per) if stack else tuple(
+      functools.reduce(jnp.add, c) for c in zip(*per))
 
 
 def add_counts(per, per_array=False):

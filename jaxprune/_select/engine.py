@@ -5,11 +5,29 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxprune._select import counts as counts_lib
 from jaxprune._select import keys as keys_lib
 from jaxprune._select import radix, sharded, ties
+
+
+def _exclusive_cumsum(x):
+  return jnp.cumsum(x) - x
+
+
+def _unstack(v: jax.Array) -> list[jax.Array]:
+  """The entries of a small vector, as scalars made by ONE fused reduction with an output per
+  entry. XLA:CPU compiles a kernel once for all the leaves of one shape only when their fused
+  computations are equal; a scalar sliced out of ``v`` at a constant ``j`` fuses into leaf
+  ``j``'s kernels and makes them differ (and a running sum fused into them made leaf ``j``'s
+  kernels add ``j`` counts: 50 distinct, ever longer kernels for 50 leaves)."""
+  n = v.shape[0]
+  i = jnp.arange(n)
+  ops = tuple(jnp.where(i == j, v, 0) for j in range(n))
+  return list(lax.reduce(ops, tuple(np.zeros((), v.dtype) for _ in range(n)),
+                         lambda u, w: tuple(x + y for x, y in zip(u, w)), (0,)))
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -35,20 +53,34 @@ def lowest(arrays: list[jax.Array], k, group_axes=None) -> list[jax.Array]:
     return [below_of(a) | at_of(a) for a in arrays]
 
   def take_ties_by_index(arrays):
-    # Only leaves whose ties are split by the threshold need an index order; there is at most
-    # one such leaf in global scope. Each leaf's index selection runs inside its own cond.
-    out, before = [], jnp.zeros((), jnp.int32)
-    for a, leaf_counts in zip(arrays, per_leaf):
-      n_here = leaf_counts[..., 1]
-      take = jnp.clip(ties_to_take - before, 0, n_here)
-      if group_axes is None:
-        before = before + n_here
+    # Ties go in leaf order: each leaf takes what its predecessors' ties leave, and only a leaf
+    # whose ties that splits needs an index order. There is at most one such leaf in global
+    # scope, so whole leaves (ndim >= 2) of one type share one tie-break
+    # (ties.first_ties_shared); other leaves and groups each get their own cond.
+    n_at_of = [c[..., 1] for c in per_leaf]
+    if group_axes is None:
+      takes = _unstack(jnp.clip(ties_to_take - _exclusive_cumsum(jnp.stack(n_at_of)), 0,
+                                jnp.stack(n_at_of)))
+    else:
+      takes = [ties_to_take]
+    out, shared = [None] * len(arrays), {}
+    for j, (a, take, n_here) in enumerate(zip(arrays, takes, n_at_of)):
+      if group_axes is None and a.ndim >= 2:
+        shared.setdefault(jax.typeof(a), []).append(j)
+        continue
       split = jnp.any((take > 0) & (take < n_here))
       rank_axes = tuple(range(a.ndim)) if group_axes is None else tuple(group_axes)
       by_index = lambda a, take, rank_axes=rank_axes: below_of(a) | (
           (take > 0) & ties.first_ties(a, at_of, jnp.maximum(take, 1), rank_axes))
       whole = lambda a, take: below_of(a) | (at_of(a) & (take > 0))
-      out.append(lax.cond(split, by_index, whole, a, take))
+      out[j] = lax.cond(split, by_index, whole, a, take)
+    for js in shared.values():
+      split = [(takes[j] > 0) & (takes[j] < n_at_of[j]) for j in js]
+      # A lone array (layerwise) is in this branch because its ties are split (or k is 0).
+      tied = ties.first_ties_shared([arrays[j] for j in js], at_of, split, [takes[j] for j in js],
+                                    gate=len(arrays) > 1)
+      for j, t in zip(js, tied):
+        out[j] = below_of(arrays[j]) | t
     return out
 
   return lax.cond(jnp.all(ties_to_take == n_at), take_all_ties, take_ties_by_index, arrays)

@@ -50,10 +50,11 @@ def threshold(arrays, k, group_axes, combine):
   gshape = counts_lib.group_shape(arrays, group_axes)
 
   def count_below(cands):
-    live = counts_lib.opaque(arrays, cands[1])
+    # The keys of each array are traced once and compared with all 16 candidates (tracing
+    # them per candidate made XLA's CSE merge 16 copies per array and pass: slower to lower).
+    keys = [keys_lib.signed_keys(a, ftype, bits) for a in counts_lib.opaque(arrays, cands[1])]
     return combine(counts_lib.count_many(
-        live, [lambda a, c=c: keys_lib.signed_keys(a, ftype, bits) < c
-               for c in (keys_lib.as_signed(c, bits) for c in cands)],
+        keys, [lambda key, c=c: key < c for c in (keys_lib.as_signed(c, bits) for c in cands)],
         group_axes, per_array=True))
 
   thresh = radix_select(count_below, jnp.maximum(k, 1), bits, udt, gshape)

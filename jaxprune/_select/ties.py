@@ -2,11 +2,13 @@
 int32 array of a leaf's size and nothing flattened (see README.md)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxprune._select import counts as counts_lib
 from jaxprune._select import radix
@@ -35,27 +37,80 @@ def index_below(shape, axes, c) -> jax.Array:
   return below
 
 
-def first_ties_by_axis(a: jax.Array, at_of, take) -> jax.Array:
-  """:func:`first_ties` over the whole leaf (``ndim >= 2``), one axis at a time: count the
-  ties at each index of axis ``d`` among the entries whose earlier indices are the ones already
-  found (one fused reduction to an ``[n_d]`` vector), and find in that vector's cumsum the index
-  holding the ``take``-th tie. One pass per axis; nothing of the leaf's size but the mask.
-  """
-  fixed = jnp.ones((), bool)     # entries whose indices on the axes done equal the ones found
-  before = jnp.zeros((), bool)   # entries that come before those in row-major order
-  for d in range(a.ndim):
-    others = tuple(e for e in range(a.ndim) if e != d)
-    i = jnp.arange(a.shape[d], dtype=jnp.int32).reshape(
-        tuple(a.shape[d] if e == d else 1 for e in range(a.ndim)))
-    # The ties of the whole slice bound those among the fixed entries: counting both (and
-    # using both) keeps the reduction variadic, so it fuses with the compare.
-    counts = counts_lib.count_many([a], [lambda x, fixed=fixed: at_of(x) & fixed, at_of], others)
-    counts = jnp.minimum(counts[..., 0], counts[..., 1])
-    r = jnp.sum(cumsum_explicit_safe(counts, d) < take, dtype=jnp.int32)
-    take = take - jnp.sum(jnp.where(i < r, counts, 0), dtype=jnp.int32)
+def _iota(shape, d) -> jax.Array:
+  return jnp.arange(shape[d], dtype=jnp.int32).reshape(
+      tuple(shape[d] if e == d else 1 for e in range(len(shape))))
+
+
+def _up_to(shape, index) -> jax.Array:
+  """Whether each entry's multi-index is at or before ``index`` (one scalar per axis) in
+  row-major order, from 1-D iotas."""
+  fixed, before = jnp.ones((), bool), jnp.zeros((), bool)
+  for d, r in enumerate(index):
+    i = _iota(shape, d)
     before = before | (fixed & (i < r))
     fixed = fixed & (i == r)
-  return at_of(a) & (before | fixed)
+  return before | fixed
+
+
+def first_ties_shared(leaves, at_of, split, take, gate=True) -> list[jax.Array]:
+  """The ties taken in each of ``leaves`` (of one type, ``ndim >= 2``): the first ``take[j]``
+  ties in row-major order of the one leaf whose ties are split (``split[j]``; at most one is),
+  and all ties or none (``take[j] > 0``) of the others.
+
+  The split leaf's last tie taken is found one axis at a time: count its ties at each index of
+  axis ``d`` among the entries whose earlier indices are the ones already found (one fused
+  reduction to an ``[n_d]`` vector), and find in that vector's cumsum the index holding the
+  ``take``-th tie. One pass per axis; nothing of a leaf's size but the masks. The leaves share
+  the passes, inside one ``lax.cond`` (taken when some leaf is split; without ``gate``, when the
+  caller already knows it is likely, they run unconditionally): each pass counts in one
+  ``lax.switch`` branch per leaf, so the leaf is chosen when the program runs and the scalar
+  work that follows is compiled once for all of them, not once per leaf (per-leaf tie-breaks
+  were most of the compile time of a global mask).
+  """
+  shape = leaves[0].shape
+
+  def last_tie():
+    sel = jnp.argmax(jnp.stack(split))
+    left = jnp.sum(jnp.where(jnp.stack(split), jnp.stack(take), 0), dtype=jnp.int32)
+    index = []
+    for d in range(len(shape)):
+      others = tuple(e for e in range(len(shape)) if e != d)
+      fixed = functools.reduce(jnp.logical_and,
+                               [_iota(shape, e) == r for e, r in enumerate(index)],
+                               jnp.ones((), bool))
+
+      def count(a, fixed=fixed, others=others):
+        return counts_lib.count_many([a], [lambda x: at_of(x) & fixed, at_of], others,
+                                     stack=False)
+
+      # The ties of the whole slice bound those among the fixed entries: counting both (and
+      # using both) keeps the reduction variadic, so it fuses with the compare. Their minimum
+      # is taken after the switch, in one kernel for all the leaves.
+      counts = lax.switch(sel, [lambda a=a: count(a) for a in leaves])
+      counts = jnp.minimum(*counts)
+      # The indices before the one holding the take-th tie: those where the cumsum is below it.
+      before = cumsum_explicit_safe(counts, d) < left
+      r, taken = lax.reduce((before.astype(jnp.int32), jnp.where(before, counts, 0)),
+                            (np.int32(0), np.int32(0)),
+                            lambda u, v: (u[0] + v[0], u[1] + v[1]), tuple(range(len(shape))))
+      index.append(r)
+      left = left - taken
+    return index
+
+  if gate:
+    index = lax.cond(jnp.any(jnp.stack(split)), last_tie,
+                     lambda: [jnp.zeros((), jnp.int32)] * len(shape))
+  else:
+    index = last_tie()   # with no leaf split, the index found is unused
+  up_to = _up_to(shape, index)
+  return [at_of(a) & jnp.where(s, up_to, t > 0) for a, s, t in zip(leaves, split, take)]
+
+
+def first_ties_by_axis(a: jax.Array, at_of, take) -> jax.Array:
+  """:func:`first_ties` over the whole leaf (``ndim >= 2``): :func:`first_ties_shared` of one
+  leaf."""
+  return first_ties_shared([a], at_of, [jnp.ones((), bool)], [take], gate=False)[0]
 
 
 def first_ties(a: jax.Array, at_of, take, axes) -> jax.Array:
