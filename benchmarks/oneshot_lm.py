@@ -140,8 +140,8 @@ def sharded_check(quick: bool, workdir: str, data_dir: str | None) -> list[dict]
       ("wanda", "0.5"), ("sparsegpt", "0.5"), ("wanda", "2:4"), ("sparsegpt", "2:4")]
   code = _SHARDED.format(quick=quick, data_dir=data_dir, workdir=workdir, cases=cases)
   # --quick (a smoke test) keeps the caller's XLA flags, e.g. a test suite's faster compiles.
-  flags = (os.environ.get("XLA_FLAGS", "") + " " if quick else "") + \
-      "--xla_force_host_platform_device_count=8"
+  flags = ((os.environ.get("XLA_FLAGS", "") + " " if quick else "")
+           + "--xla_force_host_platform_device_count=8")
   env = dict(os.environ, XLA_FLAGS=flags,
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
