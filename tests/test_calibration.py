@@ -328,8 +328,9 @@ def test_sharded_calibration_equals_unsharded():
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from jaxprune.calibration import collect
     k = jax.random.split(jax.random.key(0), 4)
-    params = {"l1": jax.random.normal(k[0], (16, 32)), "b1": jnp.zeros(32),
-              "l2": jax.random.normal(k[1], (32, 8))}
+    # both kernels of one shape: one pruning program per mesh for the two
+    params = {"l1": jax.random.normal(k[0], (16, 16)), "b1": jnp.zeros(16),
+              "l2": jax.random.normal(k[1], (16, 16))}
     fn = lambda p, x: jnp.tanh(x @ p["l1"] + p["b1"]) @ p["l2"]
     xs = [jax.random.normal(jax.random.fold_in(k[2], i), (64, 16)) for i in range(3)]
     cal1 = jp.calibrate(fn, params, xs)

@@ -51,11 +51,7 @@ def _per_slice(params, sparsity, path=("stacked", "kernel")):
 
 @functools.lru_cache(maxsize=None)
 def _masks_cached(kind):
-  jax.config.update("jax_disable_most_optimizations", True)   # compiles the masks faster
-  try:
-    return jax.device_get(_make_masks(kind, _params("float32")))
-  finally:
-    jax.config.update("jax_disable_most_optimizations", False)
+  return jax.device_get(_make_masks(kind, _params("float32")))
 
 
 def _masks(kind, params=None):
