@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _reference import draw_from, ref_pruned
 from conftest import run_with_devices
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -44,20 +45,7 @@ POOLS = {jnp.dtype(d): _pool(d) for d in DTYPES}
 
 
 def _draw(data, dtype, shape):
-  pool = POOLS[jnp.dtype(dtype)]
-  n = math.prod(shape)
-  idx = data.draw(st.lists(st.integers(0, len(pool) - 1), min_size=n, max_size=n))
-  return pool[np.array(idx)].reshape(shape)
-
-
-def _ref_pruned(flats, k):
-  """Marks the ``k`` lowest over the concatenated flat arrays (leaf order, then index)."""
-  x = np.concatenate([np.asarray(f, np.float64).reshape(-1) for f in flats])
-  nan = np.isnan(x)
-  order = np.lexsort((np.arange(x.size), np.where(nan, 0.0, x + 0.0), ~nan))
-  out = np.zeros(x.size, bool)
-  out[order[:k]] = True
-  return out
+  return draw_from(data, POOLS[jnp.dtype(dtype)], shape)
 
 
 def _split(flat, shapes):
@@ -90,7 +78,7 @@ def test_layerwise_exact(dtype, use_jit, data):
   else:
     masks = jp.topk_mask(scores, sparsity, where=ALL)
   for k, s in LAYER_SHAPES.items():
-    expected = ~_ref_pruned([scores[k]], ks[k]).reshape(s)
+    expected = ~ref_pruned([scores[k]], ks[k]).reshape(s)
     np.testing.assert_array_equal(np.asarray(masks[k]), expected, err_msg=k)
 
 
@@ -117,7 +105,7 @@ def test_global_exact(dtypes, use_jit, data):
     masks = _global_jit(scores, jnp.float32(k / total))
   else:
     masks = jp.topk_mask(scores, k / total, scope="global", where=ALL)
-  expected = _split(~_ref_pruned(list(scores.values()), k), GLOBAL_SHAPES.values())
+  expected = _split(~ref_pruned(list(scores.values()), k), GLOBAL_SHAPES.values())
   for name, e in zip(GLOBAL_SHAPES, expected):
     np.testing.assert_array_equal(np.asarray(masks[name]), e, err_msg=name)
 
@@ -130,11 +118,11 @@ def test_per_output_and_lowest_k_exact(dtype, data):
   mask = jp.topk_mask({"w": s}, 0.4, structure=jp.per_output(axis=1), where=ALL)["w"]
   moved, got = np.moveaxis(s, 1, -1), np.moveaxis(np.asarray(mask), 1, -1)
   for j in range(4):
-    expected = ~_ref_pruned([moved[..., j]], round(0.4 * 15)).reshape(5, 3)
+    expected = ~ref_pruned([moved[..., j]], round(0.4 * 15)).reshape(5, 3)
     np.testing.assert_array_equal(got[..., j], expected)
   v = _draw(data, dtype, (23,))
   k = data.draw(st.integers(0, 23))
-  np.testing.assert_array_equal(np.asarray(jp.lowest_k(v, k)), _ref_pruned([v], k))
+  np.testing.assert_array_equal(np.asarray(jp.lowest_k(v, k)), ref_pruned([v], k))
 
 
 def _ref_n_of_m(x, n, m):
@@ -142,7 +130,7 @@ def _ref_n_of_m(x, n, m):
   keep = np.zeros(x.shape, bool)
   for g in range(x.shape[0] // m):
     for j in range(x.shape[1]):
-      pruned = _ref_pruned([x[g * m:(g + 1) * m, j]], m - n)
+      pruned = ref_pruned([x[g * m:(g + 1) * m, j]], m - n)
       keep[g * m:(g + 1) * m, j] = ~pruned
   return keep
 
@@ -263,9 +251,9 @@ def test_channels_exact(dtype, use_jit, data):
   for reduce in REDUCES:
     unit_scores = {n: np.array([_ref_unit_score(u, reduce) for u in units[n]], np.float32)
                    for n in CH_SHAPES}
-    pruned = {"global": _split(_ref_pruned(list(unit_scores.values()), kg),
+    pruned = {"global": _split(ref_pruned(list(unit_scores.values()), kg),
                                [(s[1],) for s in CH_SHAPES.values()]),
-              "layerwise": [_ref_pruned([unit_scores[n]], ks[n]) for n in CH_SHAPES]}
+              "layerwise": [ref_pruned([unit_scores[n]], ks[n]) for n in CH_SHAPES]}
     for scope, per_leaf in pruned.items():
       for (name, shape), p in zip(CH_SHAPES.items(), per_leaf):
         np.testing.assert_array_equal(np.asarray(got[reduce, scope][name]),
@@ -295,19 +283,21 @@ def test_blocks_exact(dtype, use_jit, data):
     mask = _blocks_jit(x, jnp.float32(k / 6))
   else:
     mask = jp.topk_mask({"w": x}, k / 6, structure=jp.blocks((2, 2)), where=ALL)["w"]
-  keep = ~_ref_pruned([ref], k).reshape(2, 3)
+  keep = ~ref_pruned([ref], k).reshape(2, 3)
   np.testing.assert_array_equal(np.asarray(mask), np.kron(keep, np.ones((2, 2), bool)))
 
 
 # ----------------------------------------------------------------------------- float64 (x64)
 
 CODE_X64 = r'''
-import math
+import sys
+sys.path.insert(0, "tests")
 import jax
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp, numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 import jaxprune as jp
+from _reference import draw_from as draw, ref_pruned
 
 info = jnp.finfo(jnp.float64)
 sub, tiny, eps = float(info.smallest_subnormal), float(info.tiny), float(info.eps)
@@ -316,19 +306,6 @@ POOL64 = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, sub, -sub, 2 * s
                    1 + 1e-10, -1.0, float(info.max), 1e-40, 2e-40, 0.5], np.float64)
 POOL32 = np.array([np.nan, 0.0, -0.0, 1e-40, 2e-40, 1e-45, 1.0, 1 + 2**-23, -1.0, np.inf,
                    0.5], np.float32)
-
-def ref_pruned(flats, k):
-  x = np.concatenate([np.asarray(f, np.float64).reshape(-1) for f in flats])
-  nan = np.isnan(x)
-  order = np.lexsort((np.arange(x.size), np.where(nan, 0.0, x + 0.0), ~nan))
-  out = np.zeros(x.size, bool)
-  out[order[:k]] = True
-  return out
-
-def draw(data, pool, shape):
-  n = math.prod(shape)
-  idx = data.draw(st.lists(st.integers(0, len(pool) - 1), min_size=n, max_size=n))
-  return pool[np.array(idx)].reshape(shape)
 
 ALL = lambda p, x: True
 glob = jax.jit(lambda s, sp: jp.topk_mask(s, sp, scope="global", where=ALL))

@@ -312,20 +312,31 @@ class ResNet(nnx.Module):
     return self.head(x.mean(axis=tuple(range(1, x.ndim - 1))))
 
 
-class _EncoderBlock(nnx.Module):
-  """Pre-LayerNorm block: x + MHA(LN(x)); x + MLP(LN(x))."""
+class _PreLNBlock(nnx.Module):
+  """Pre-LayerNorm block: ``x + attn(LN(x))``, then ``x + W₂ gelu(W₁ LN(x))``; subclasses say
+  which attention (``_attention``, built between ``ln1`` and ``ln2`` so the init order of the
+  parameters, and so their values, is the same for every block kind)."""
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *, rngs: nnx.Rngs):
     self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(num_heads, dim, decode=False, keep_rngs=False,
-                                       rngs=rngs)
+    self.attn = self._attention(dim, num_heads, rngs)
     self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
     self.fc1 = nnx.Linear(dim, mlp_ratio * dim, rngs=rngs)
     self.fc2 = nnx.Linear(mlp_ratio * dim, dim, rngs=rngs)
 
+  def _attention(self, dim: int, num_heads: int, rngs: nnx.Rngs) -> nnx.Module:
+    raise NotImplementedError
+
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + self.attn(self.ln1(x))
     return x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
+
+
+class _EncoderBlock(_PreLNBlock):
+  """Pre-LayerNorm encoder block (bidirectional ``nnx.MultiHeadAttention``)."""
+
+  def _attention(self, dim, num_heads, rngs):
+    return nnx.MultiHeadAttention(num_heads, dim, decode=False, keep_rngs=False, rngs=rngs)
 
 
 class Transformer(nnx.Module):
@@ -451,19 +462,12 @@ class _CausalSelfAttention(nnx.Module):
     return self.out(y.reshape(b, t, d))
 
 
-class DecoderBlock(nnx.Module):
-  """Pre-LayerNorm decoder block: ``x + attn(LN(x))``, then ``x + W₂ gelu(W₁ LN(x))``."""
+class DecoderBlock(_PreLNBlock):
+  """Pre-LayerNorm decoder block: ``x + attn(LN(x))`` with causal self-attention, then
+  ``x + W₂ gelu(W₁ LN(x))``."""
 
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *, rngs: nnx.Rngs):
-    self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
-    self.attn = _CausalSelfAttention(dim, num_heads, rngs=rngs)
-    self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
-    self.fc1 = nnx.Linear(dim, mlp_ratio * dim, rngs=rngs)
-    self.fc2 = nnx.Linear(mlp_ratio * dim, dim, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.attn(self.ln1(x))
-    return x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
+  def _attention(self, dim, num_heads, rngs):
+    return _CausalSelfAttention(dim, num_heads, rngs=rngs)
 
 
 class DecoderLM(nnx.Module):
