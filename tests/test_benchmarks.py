@@ -154,6 +154,8 @@ def test_oneshot_lm_benchmark_quick(tmp_path, monkeypatch):
     assert r["pruning_mem_bytes"] > 0
   sharded = doc["extra"]["sharded"]
   assert all(s["masks_equal"] for s in sharded["cases"])   # 8 host devices == 1
-  assert sharded["calibration_all_reduces_per_batch"] >= 1
+  # chunked calibration: the per-chunk Gram matrices are gathered (not all-reduced) per batch
+  assert sharded["chunk_size"] == 1
+  assert sharded["calibration_collectives_per_batch"]["all-gather"] >= 1
   assert doc["extra"]["recovery"][0]["sparsity_kept"] == 0.5
   assert "| sparsegpt | 2:4 |" in (tmp_path / "out" / "oneshot_lm.md").read_text()

@@ -277,6 +277,23 @@ class CalibrateTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "outside"):
       jp.wanda(params, cal, 1.5)
 
+  def test_chunked_equals_whole_batches(self):
+    """``chunk_size``: the same statistics up to summation order, the same row counts; a batch
+    that is not a whole number of chunks is an error naming ``chunk_size``."""
+    params, x = _correlated_layer(n_in=8, n_out=4, rows=48)
+    fn = lambda p, x: jnp.tanh(x @ p["w"] + p["b"][None])
+    whole = jp.calibrate(fn, params, [x, 2 * x])
+    chunked = jp.calibrate(fn, params, [x, 2 * x], chunk_size=16)
+    np.testing.assert_allclose(chunked.grams["w"], whole.grams["w"], rtol=1e-5)
+    self.assertEqual(int(chunked.counts["w"]), 96)
+    self.assertEqual(chunked.layout("w"), whole.layout("w"))
+    with self.assertRaisesRegex(ValueError, "48 rows.*chunk_size=10"):
+      jp.calibrate(fn, params, [x], chunk_size=10)
+    with self.assertRaisesRegex(ValueError, "positive int.*0"):
+      jp.calibrate(fn, params, [x], chunk_size=0)
+    with self.assertRaisesRegex(ValueError, "same leading"):
+      jp.calibrate(lambda p, b: fn(p, b[0]) + b[1].sum(), params, [(x, x[:5])], chunk_size=16)
+
 
 class SequentialTest(parameterized.TestCase):
 
@@ -364,3 +381,48 @@ def test_sharded_calibration_equals_unsharded():
   """)
   # data parallel: both kernels' Gram matrices are reduced over the shards in one collective
   assert "REDUCTIONS 1" in out, out
+
+
+def test_chunked_results_are_the_same_bits_on_8_devices_as_on_1():
+  """With ``chunk_size``, calibration and sequential SparseGPT (masks and updated weights,
+  through LayerNorm blocks whose forward passes are run on the pruned weights) are bit-identical
+  on 1 device, 8 data-parallel devices (Explicit mesh) and a (4, 2) Auto mesh with
+  model-sharded params."""
+  run_with_devices("""
+    import jax, jax.numpy as jnp, numpy as np
+    import jaxprune as jp
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    def block(p, x):
+      h = (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-5)
+      return x + jax.nn.gelu(h @ p["w1"]) @ p["w2"]
+    k = jax.random.split(jax.random.key(0), 8)
+    blocks = [{"w1": jax.random.normal(k[2 * i], (16, 32)) / 4,
+               "w2": jax.random.normal(k[2 * i + 1], (32, 16)) / 6} for i in range(2)]
+    xs = [jax.random.normal(jax.random.fold_in(k[6], i), (64, 16)) for i in range(2)]
+    cal1 = jp.calibrate(block, blocks[0], xs, chunk_size=4)
+    seq1 = jp.sequential(block, blocks, xs, "sparsegpt", 0.5, chunk_size=4)
+
+    def same(a, b):
+      la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+      assert len(la) == len(lb) > 0
+      for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+      bs = jax.device_put(blocks, NamedSharding(mesh, P()))
+      xss = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in xs]
+      same(jp.calibrate(block, bs[0], xss, chunk_size=4).grams, cal1.grams)
+      same(jp.sequential(block, bs, xss, "sparsegpt", 0.5, chunk_size=4), seq1)
+      try:
+        jp.calibrate(block, bs[0], xss, chunk_size=16)  # 8 rows per device
+        raise AssertionError("no error")
+      except ValueError as e:
+        assert "8 device(s)" in str(e) and "chunk_size=16" in str(e), e
+
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    b0 = {"w1": jax.device_put(blocks[0]["w1"], NamedSharding(mesh, P(None, "model"))),
+          "w2": jax.device_put(blocks[0]["w2"], NamedSharding(mesh, P("model", None)))}
+    xss = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in xs]
+    same(jp.calibrate(block, b0, xss, chunk_size=4).grams, cal1.grams)
+  """)

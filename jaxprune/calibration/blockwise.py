@@ -10,7 +10,8 @@ Memory: the calibration activations at one depth, twice (a block's inputs and it
 ``2 × tokens × width × 4`` bytes in float32, e.g. 128 sequences of 2048 tokens at width 4096
 is 8 GiB), plus one block's params and Gram matrices (``n_in² × 4`` bytes per kernel). The full
 model is never run on the calibration data; the batches are held, not streamed, because every
-block needs them.
+block needs them. With ``chunk_size`` a block's intermediate activations exist for one chunk
+at a time, and ``rows / chunk_size`` Gram matrices per kernel briefly, once per batch.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any
 import jax
 
 from jaxprune import _tree
+from jaxprune.calibration import _chunks
 from jaxprune.calibration.activation import wanda
 from jaxprune.calibration.collect import calibrate
 from jaxprune.calibration.obs import sparsegpt
@@ -39,19 +41,33 @@ def _resolve(method):
 _forward_cache: dict = {}
 
 
-def _forward(block_fn):
+def _chunked_forward(block_fn, chunk_size: int):
+  program = jax.jit(lambda p, x, where: _chunks.map_chunks(block_fn, p, x, chunk_size, where,
+                                                           rows_out=True), static_argnums=2)
+
+  def run(params, x):
+    where = _chunks.batch_mesh(x)
+    _chunks.check_rows(x, chunk_size, 1 if where is None else _chunks.shards(*where),
+                       "sequential")
+    return program(params, x, where)
+  return run
+
+
+def _forward(block_fn, chunk_size: int | None):
+  make = (lambda: jax.jit(block_fn)) if chunk_size is None else (
+      lambda: _chunked_forward(block_fn, chunk_size))
   try:
-    fwd = _forward_cache.get(block_fn)
+    fwd = _forward_cache.get((block_fn, chunk_size))
     if fwd is None:
-      fwd = _forward_cache[block_fn] = jax.jit(block_fn)
+      fwd = _forward_cache[(block_fn, chunk_size)] = make()
     return fwd
   except TypeError:
-    return jax.jit(block_fn)
+    return make()
 
 
 def sequential(block_fn: Callable[[Any, Any], Any], blocks, inputs: Sequence[Any],
                method: str | Callable = "sparsegpt", sparsity=0.5, *,
-               where: _tree.Where | None = None, **kwargs):
+               where: _tree.Where | None = None, chunk_size: int | None = None, **kwargs):
   """Prunes a stack of blocks in order, each calibrated on the pruned earlier blocks' outputs.
 
   Args:
@@ -64,6 +80,9 @@ def sequential(block_fn: Callable[[Any, Any], Any], blocks, inputs: Sequence[Any
       (params, masks)``.
     sparsity: passed to the method for every block.
     where: leaf selection inside a block (paths are relative to the block).
+    chunk_size: rows of an input's leading axis evaluated at a time, in calibration and in the
+      forward passes, for masks that are the same bits on any number of data-parallel devices
+      (see :func:`jaxprune.calibrate`); None runs each input at once.
     **kwargs: passed to the method (``structure``, ``block_size``, ``dampening``).
 
   Returns:
@@ -106,10 +125,10 @@ def sequential(block_fn: Callable[[Any, Any], Any], blocks, inputs: Sequence[Any
   xs = list(inputs)
   if not xs:
     raise ValueError("sequential needs at least one calibration input; `inputs` was empty.")
-  fwd = _forward(block_fn)
+  fwd = _forward(block_fn, chunk_size)
   out_params, out_masks = [], []
   for params in per_block:
-    cal = calibrate(block_fn, params, xs, where=where)
+    cal = calibrate(block_fn, params, xs, where=where, chunk_size=chunk_size)
     params, masks = prune(params, cal, sparsity, where=where, **kwargs)
     xs = [fwd(params, x) for x in xs]
     out_params.append(params)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import _tree
-from jaxprune.calibration import walk
+from jaxprune.calibration import _chunks, walk
 from jaxprune.calibration.stats import Calibration, LeafLayout
 
 
@@ -85,8 +85,45 @@ def batch_programs(fn, where):
   return run, add
 
 
+@functools.lru_cache(maxsize=64)
+def chunked_programs(fn, where, chunk_size: int):
+  """Like :func:`batch_programs`, with each batch evaluated in chunks of ``chunk_size`` rows
+  (:mod:`jaxprune.calibration._chunks`): the same bits on any number of data-parallel devices."""
+  per_batch = _per_batch_fn(fn, where)
+
+  @functools.partial(jax.jit, static_argnums=(1, 3))
+  def per_chunk(arrays, static, batch, mesh_axis):
+    return _chunks.map_chunks(lambda a, b: per_batch(a, static, b), arrays, batch, chunk_size,
+                              mesh_axis)
+
+  def programs(params, batch):
+    mesh_axis = _chunks.batch_mesh(batch)
+    devices = 1 if mesh_axis is None else _chunks.shards(*mesh_axis)
+    _chunks.check_rows(batch, chunk_size, devices, "calibrate")
+    chunks = functools.partial(per_chunk, *_split_static(params), batch, mesh_axis)
+    return chunks, _chunks.ordered_sum_program(None if mesh_axis is None else mesh_axis[0])
+
+  def run(params, batch):
+    chunks, total = programs(params, batch)
+    return total(chunks())
+
+  def lower(params, batch):
+    """The two programs of a batch, lowered: per-chunk statistics, then the ordered sum."""
+    chunks, total = programs(params, batch)
+    first = chunks.func.lower(*chunks.args)
+    compiled = first.compile()
+    stacked = jax.tree.map(lambda o, sh: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=sh),
+                           jax.eval_shape(chunks), compiled.output_shardings)
+    return [first, total.lower(stacked)]
+
+  run.lower = lower
+
+  add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+  return run, add
+
+
 def calibrate(fn: Callable[[Any, Any], Any], params, batches: Iterable[Any], *,
-              where: _tree.Where | None = None) -> Calibration:
+              where: _tree.Where | None = None, chunk_size: int | None = None) -> Calibration:
   """Collects, for every prunable kernel that ``fn(params, batch)`` contracts with an input,
   the Gram matrix ``Σ xᵀx`` of those inputs and the number of rows, over ``batches``.
 
@@ -103,12 +140,26 @@ def calibrate(fn: Callable[[Any, Any], Any], params, batches: Iterable[Any], *,
   ``transformed.apply``. Sharded ``params`` and batches work as they are: the program is
   compiled for their shardings and every Gram matrix is reduced over the batch shards in it.
 
+  Reproducibility across device counts: XLA sums in an order that depends on the shapes and
+  the sharding, so the default path gives Gram matrices equal only to float rounding on 8
+  devices and on 1, and SparseGPT can turn those last bits into a few different mask entries.
+  With ``chunk_size``, every batch is cut into chunks of that many rows (its leading axis),
+  each chunk goes through the same compiled per-chunk program (``lax.map``; ``shard_map`` over
+  the devices of a batch sharded on its leading axis, params replicated), and the chunks'
+  matrices are summed in chunk order: the statistics are then the same bits on any number of
+  devices whose share of a batch is a whole number of chunks. It costs one gather of the
+  per-chunk matrices per batch (``rows / chunk_size`` times a Gram matrix's memory, briefly)
+  instead of one all-reduce, and it needs ``fn`` to treat rows independently (as any
+  data-parallel model does).
+
   Args:
     fn: ``(params, batch) -> anything``, a pure function of both.
     params: a pytree of arrays (NNX ``State`` trees too).
     batches: an iterable of batches (any pytree ``fn`` accepts); at least one.
     where: ``(path, leaf) -> bool`` choosing the leaves to calibrate (default: floating
       leaves with ``ndim >= 2``). A chosen leaf that no contraction reads gets no statistics.
+    chunk_size: rows of a batch's leading axis evaluated at a time, for device-count
+      independent results (see above); None evaluates a batch at once.
 
   Returns:
     A :class:`jaxprune.calibration.Calibration` (a pytree): ``grams[path]`` float32
@@ -116,7 +167,8 @@ def calibrate(fn: Callable[[Any, Any], Any], params, batches: Iterable[Any], *,
     leaf's layout (which axes are its inputs).
 
   Raises:
-    ValueError: for no batches, or a leaf contracted in two different ways.
+    ValueError: for no batches, a leaf contracted in two different ways, or batches that
+      are not a whole number of chunks per device.
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune as jp
@@ -130,10 +182,12 @@ def calibrate(fn: Callable[[Any, Any], Any], params, batches: Iterable[Any], *,
     >>> cal.grams["l2"].shape, int(cal.counts["l2"]), cal.layout("l2").in_axes
     ((4, 4), 6, (0,))
   """
+  programs, args = ((batch_programs, (fn, where)) if chunk_size is None
+                    else (chunked_programs, (fn, where, chunk_size)))
   try:
-    per_batch, add = batch_programs(fn, where)
+    per_batch, add = programs(*args)
   except TypeError:  # an unhashable fn or where: no program cache
-    per_batch, add = batch_programs.__wrapped__(fn, where)
+    per_batch, add = programs.__wrapped__(*args)
   acc = None
   for batch in batches:
     stats = per_batch(params, batch)

@@ -18,7 +18,9 @@ Keys:
 * ``eval_windows``: validation windows of ``context + 1`` bytes evenly spaced over the split
   (``0``: all of it), ``eval_batch_size``; ``log_every``, ``eval_every``, ``checkpoint_every``.
 * ``oneshot``: ``methods``; ``sparsities`` (fractions, or ``"n:m"``); ``calibration_samples``
-  random windows of the calibration split, fed ``calibration_batch`` at a time; ``sequential``
+  random windows of the calibration split, fed ``calibration_batch`` at a time, evaluated
+  ``chunk_size`` windows at a time (masks that are the same bits on any number of devices
+  whose share of a batch is a multiple of it; ``None``: a batch at once); ``sequential``
   (block by block, as both papers; else one calibration of the whole dense model);
   ``block_size`` and ``dampening`` (SparseGPT). The embeddings and the head are not pruned.
 * ``recovery``: ``targets`` (``"method@sparsity"``), ``steps``, ``learning_rate``,
@@ -61,6 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.oneshot.sparsities = ("0.5", "0.6", "0.7", "2:4", "4:8")
   c.oneshot.calibration_samples = 128
   c.oneshot.calibration_batch = 16
+  c.oneshot.chunk_size = config_dict.placeholder(int)
+  c.oneshot.chunk_size = 2
   c.oneshot.sequential = True
   c.oneshot.block_size = 128
   c.oneshot.dampening = 0.01
