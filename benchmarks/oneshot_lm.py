@@ -11,8 +11,9 @@ reports validation bits per byte and (byte-level) perplexity; wall times include
 (a one-shot method runs once), and a second, warm run of each method is timed as well.
 
 Memory: XLA's own accounting (``compiled.memory_analysis()``: arguments + outputs + temporaries)
-of the programs each method runs on one block: the per-batch calibration program and the
-pruning program (Wanda's or SparseGPT's, jitted for one block), and the calibration
+of the programs each method runs on one block: the per-batch calibration program (with
+``oneshot.chunk_size``, the larger of its two: the per-chunk statistics, and their ordered sum)
+and the pruning program (Wanda's or SparseGPT's, jitted for one block), and the calibration
 activations the sequential mode holds.
 
 Sharding: in a child process with 8 host CPU devices, Wanda and SparseGPT run again with the
@@ -70,9 +71,15 @@ def _block_programs(config, graphdef, params, batches, method, spec):
   block = params["blocks"][0]
   x = embed_fn(params, batches[0])
   from jaxprune.calibration import collect
-  per_batch, _ = collect.batch_programs(block_fn, None)
-  cal_mem = common.memory_of(per_batch.lower(block, x).compile())
-  cal = jp.calibrate(block_fn, block, [embed_fn(params, b) for b in batches])
+  chunk_size = config.oneshot.chunk_size
+  if chunk_size is None:
+    lowered = [collect.batch_programs(block_fn, None)[0].lower(block, x)]
+  else:  # the per-chunk program, then the ordered sum of the chunks' matrices
+    lowered = collect.chunked_programs(block_fn, None, chunk_size)[0].lower(block, x)
+  mems = [common.memory_of(low.compile()) for low in lowered]
+  cal_mem = max(mems, key=lambda m: _total(m) or 0)
+  cal = jp.calibrate(block_fn, block, [embed_fn(params, b) for b in batches],
+                     chunk_size=chunk_size)
   fn = jp.wanda if method == "wanda" else jp.sparsegpt
   kw = {"structure": st}
   if method == "sparsegpt":

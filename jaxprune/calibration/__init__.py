@@ -6,6 +6,9 @@
 * :func:`sparsegpt` prunes with the optimal-brain-surgeon update of the remaining weights.
 * :func:`sequential` runs either block by block, each block calibrated on the outputs of the
   already pruned blocks before it.
+* With ``chunk_size``, both evaluate each batch in fixed-size row chunks
+  (:mod:`jaxprune.calibration._chunks`): masks and weights are then the same bits on 1 device
+  and on any number of data-parallel devices.
 
 Masks keep every jaxprune rule (exact counts, the params' tree, scalar ``True`` for leaves not
 pruned, unstructured or N:M along each kernel's input axis), and are computed with
