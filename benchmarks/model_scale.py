@@ -11,8 +11,9 @@ leaves of ~20M params in total) with the slope of CPU seconds per leaf.
 Part 2, run time (one process, interleaved, see ``benchmarks/common.py``) on the GPT-2 tree at
 ``--width`` (1.0 is GPT-2 small): masks (global, layerwise) against the one-pass floor
 (``|p| > c`` per leaf) and against concatenate + argsort; then training steps (``adam`` on given
-gradients) with and without a mask update, for magnitude (layerwise, global, ERK, 2:4), RigL,
-SET and :func:`jaxprune.keep_masks`, as ratios to the plain adam step.
+gradients; params and optimizer state donated, as a training loop does) with and without a
+mask update, for magnitude (layerwise, global, ERK, 2:4), RigL, SET and
+:func:`jaxprune.keep_masks`, as ratios to the plain adam step.
 
 Targets (issue 12): compile ≤ 1.5× the plain step, linear in leaves with a per-leaf cost ≤ 3×
 adam's; masks ≤ 8× the floor; a mask-update step ≤ 3× plain (RigL/SET ≤ 4×); no-update steps
@@ -286,8 +287,9 @@ def part_run(width, layers, repeats):
   grads = jax.tree.map(lambda x: 1e-3 * jnp.sign(x), params)
   runners = {}
   for name, tx in step_transforms().items():
-    step = jax.jit(_step(tx))
-    holder = {"p": params, "s": tx.init(params)}
+    # params and state donated, as a training loop does (each variant has its own copy)
+    step = jax.jit(_step(tx), donate_argnums=(0, 1))
+    holder = {"p": jax.tree.map(jnp.copy, params), "s": tx.init(params)}
 
     def call(step=step, holder=holder):
       holder["p"], holder["s"] = step(holder["p"], holder["s"], grads)
