@@ -72,10 +72,7 @@ def _block_programs(config, graphdef, params, batches, method, spec):
   x = embed_fn(params, batches[0])
   from jaxprune.calibration import collect
   chunk_size = config.oneshot.chunk_size
-  if chunk_size is None:
-    lowered = [collect.batch_programs(block_fn, None)[0].lower(block, x)]
-  else:  # the per-chunk program, then the ordered sum of the chunks' matrices
-    lowered = collect.chunked_programs(block_fn, None, chunk_size)[0].lower(block, x)
+  lowered = collect.programs_for(block_fn, None, chunk_size)[0].lower_all(block, x)
   mems = [common.memory_of(low.compile()) for low in lowered]
   cal_mem = max(mems, key=lambda m: _total(m) or 0)
   cal = jp.calibrate(block_fn, block, [embed_fn(params, b) for b in batches],
@@ -137,10 +134,7 @@ with jax.set_mesh(mesh):
   p = jax.device_put(params, NamedSharding(mesh, P()))
   x = jax.device_put(embed_fn(p, batches[0]), NamedSharding(mesh, P("data")))
   chunk_size = config.oneshot.chunk_size
-  if chunk_size is None:
-    lowered = [collect.batch_programs(block_fn, None)[0].lower(p["blocks"][0], x)]
-  else:
-    lowered = collect.chunked_programs(block_fn, None, chunk_size)[0].lower(p["blocks"][0], x)
+  lowered = collect.programs_for(block_fn, None, chunk_size)[0].lower_all(p["blocks"][0], x)
   hlo = [low.compile().as_text() for low in lowered]
 collectives = {{name: sum(h.count(name + "(") + h.count(name + "-start(") for h in hlo)
                for name in ("all-reduce", "all-gather", "all-to-all", "collective-permute")}}

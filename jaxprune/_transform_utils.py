@@ -195,6 +195,26 @@ def check_step(count, every, end):
   return (count > 0) & (((count % every == 0) & (count < end)) | (count == 1) | (count == end))
 
 
+def check_or_update(is_update, is_check, keep, check, update, masks):
+  """``update(masks)`` on update steps (after ``check(masks)``), ``check(masks)`` then
+  ``keep(masks)`` on check-only steps, else ``keep(masks)``: one ``lax.switch``, so the update
+  is compiled once. Every update step after step 0 is a check step (see :func:`check_step`), so
+  ``check`` runs on every update step; a transform that updates at step 0 guards ``check``
+  there (there is nothing to check yet). Separate conds for the
+  check and the update made XLA copy every param leaf on every step with donated buffers: a
+  step that did neither cost 2.8x an adam step instead of 1.6x (16 leaves of 1024x1024, CPU)."""
+  def check_keep(m):
+    check(m)
+    return keep(m)
+
+  def check_update(m):
+    check(m)
+    return update(m)
+
+  branch = jnp.where(is_update, 2, jnp.where(is_check, 1, 0))
+  return lax.switch(branch, [keep, check_keep, check_update], masks)
+
+
 def nonzero_pruned(masks, params, chosen) -> tuple[jax.Array, jax.Array]:
   """Per chosen leaf (in order): how many weights ``masks`` prune are nonzero in ``params``, and
   how many it prunes; int32 vectors. One fused two-output reduction per leaf. A non-finite

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from jaxprune import _checks, _tree, allocation
 from jaxprune import _transform_utils as _util
@@ -167,16 +166,8 @@ def _topology_fn(grow: str, where):
       bad, pruned = _util.nonzero_pruned(masks, params, chosen)
       _util.raise_if_misplaced(name, chosen_paths, bad, pruned, count)
 
-    def check_and_move(masks):
-      check(masks)
-      return move(masks)
-
-    def check_and_stay(masks):
-      check(masks)
-      return stay(masks)
-
-    branch = jnp.where(is_update, 2, jnp.where(_util.check_step(count, every, t_end), 1, 0))
-    return lax.switch(branch, [stay, check_and_stay, check_and_move], masks)
+    return _util.check_or_update(is_update, _util.check_step(count, every, t_end), stay, check,
+                                 move, masks)
   return new_topology
 
 

@@ -26,7 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def batch_mesh(batch) -> tuple[Any, Any] | None:
@@ -51,9 +52,9 @@ def shards(mesh, axis) -> int:
   return int(np.prod([mesh.shape[n] for n in names]))
 
 
-def check_rows(batch, chunk_size: int, devices: int, caller: str) -> int:
-  """The number of rows of ``batch``'s leading axis; an error unless every device's share of
-  them is a whole number of chunks."""
+def check_rows(batch, chunk_size: int, devices: int, caller: str) -> None:
+  """An error unless every leaf of ``batch`` has the same leading (row) axis and every
+  device's share of those rows is a whole number of chunks."""
   if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
     raise ValueError(f"{caller}: chunk_size must be a positive int; got {chunk_size!r}.")
   sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batch)}
@@ -64,7 +65,6 @@ def check_rows(batch, chunk_size: int, devices: int, caller: str) -> int:
   if rows % (chunk_size * devices):
     raise ValueError(f"{caller}: a batch of {rows} rows over {devices} device(s) is not a whole "
                      f"number of chunks of chunk_size={chunk_size} rows per device.")
-  return rows
 
 
 def map_chunks(f: Callable[[Any, Any], Any], params, batch, chunk_size: int, where, *,

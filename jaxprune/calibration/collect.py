@@ -72,8 +72,14 @@ def _split_static(params):
   return [x for x in leaves if _is_array(x)], _Static(treedef, others)
 
 
+# Adds one batch's statistics into the running ones (in place of them).
+_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+
+
 @functools.lru_cache(maxsize=64)
 def batch_programs(fn, where):
+  """``run(params, batch) -> statistics`` of a whole batch in one program (``run.lower``:
+  that program, lowered), and the accumulating ``add``."""
   jitted = jax.jit(_per_batch_fn(fn, where), static_argnums=1)
 
   def run(params, batch):
@@ -81,8 +87,8 @@ def batch_programs(fn, where):
     return jitted(arrays, static, batch)
 
   run.lower = lambda params, batch: jitted.lower(*_split_static(params), batch)
-  add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
-  return run, add
+  run.lower_all = lambda params, batch: [run.lower(params, batch)]
+  return run, _add
 
 
 @functools.lru_cache(maxsize=64)
@@ -107,19 +113,28 @@ def chunked_programs(fn, where, chunk_size: int):
     chunks, total = programs(params, batch)
     return total(chunks())
 
-  def lower(params, batch):
+  def lower_all(params, batch):
     """The two programs of a batch, lowered: per-chunk statistics, then the ordered sum."""
     chunks, total = programs(params, batch)
     first = chunks.func.lower(*chunks.args)
-    compiled = first.compile()
     stacked = jax.tree.map(lambda o, sh: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=sh),
-                           jax.eval_shape(chunks), compiled.output_shardings)
+                           jax.eval_shape(chunks), first.compile().output_shardings)
     return [first, total.lower(stacked)]
 
-  run.lower = lower
+  run.lower_all = lower_all
+  return run, _add
 
-  add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
-  return run, add
+
+def programs_for(fn, where, chunk_size: int | None):
+  """``(run, add)`` of :func:`batch_programs` (``chunk_size=None``) or
+  :func:`chunked_programs`, cached per ``fn`` and ``where`` when both are hashable;
+  ``run.lower_all(params, batch)`` lowers every program a batch runs."""
+  programs, args = ((batch_programs, (fn, where)) if chunk_size is None
+                    else (chunked_programs, (fn, where, chunk_size)))
+  try:
+    return programs(*args)
+  except TypeError:  # an unhashable fn or where: no program cache
+    return programs.__wrapped__(*args)
 
 
 def calibrate(fn: Callable[[Any, Any], Any], params, batches: Iterable[Any], *,
@@ -182,12 +197,7 @@ def calibrate(fn: Callable[[Any, Any], Any], params, batches: Iterable[Any], *,
     >>> cal.grams["l2"].shape, int(cal.counts["l2"]), cal.layout("l2").in_axes
     ((4, 4), 6, (0,))
   """
-  programs, args = ((batch_programs, (fn, where)) if chunk_size is None
-                    else (chunked_programs, (fn, where, chunk_size)))
-  try:
-    per_batch, add = programs(*args)
-  except TypeError:  # an unhashable fn or where: no program cache
-    per_batch, add = programs.__wrapped__(*args)
+  per_batch, add = programs_for(fn, where, chunk_size)
   acc = None
   for batch in batches:
     stats = per_batch(params, batch)
