@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,8 +95,15 @@ def _n_of_m_message(st, value, path, traced=False):
 
 # ----------------------------------------------------------------------------- topk_mask
 
+class _Units(NamedTuple):
+  """A leaf's selection still to make: prune the ``k`` lowest of its unit scores."""
+  units: jax.Array
+  k: Any
+
+
 def _keep_leaf(path, scores, s, st):
-  """Keep-mask of one leaf under layerwise allocation."""
+  """Keep-mask of one leaf under layerwise allocation, or the :class:`_Units` selection that
+  makes it (all leaves' selections are made together, by ``_select.lowest_each``)."""
   if isinstance(st, structure_lib.NOfM):
     return _n_of_m_leaf(path, scores, s, st)
   if isinstance(st, structure_lib.PerOutput):
@@ -110,7 +117,26 @@ def _keep_leaf(path, scores, s, st):
     return jnp.ones_like(scores, dtype=bool)
   if isinstance(k, int) and k == units.size:
     return jnp.zeros_like(scores, dtype=bool)
-  return _select.shaped_like(st.expand(~_select.lowest([units], k)[0], scores.shape), scores)
+  return _Units(units, k)
+
+
+def _layerwise_keep(paths, leaves, chosen, per_leaf, sts, axes):
+  keep, pending = {}, {}
+  for i, c in enumerate(chosen):
+    if not c:
+      continue
+    if axes[i] is not None:
+      keep[i] = _keep_stacked(paths[i], leaves[i], per_leaf[i], sts[i], axes[i])
+    elif isinstance(got := _keep_leaf(paths[i], leaves[i], per_leaf[i], sts[i]), _Units):
+      pending[i] = got
+    else:
+      keep[i] = got
+  if pending:
+    pruned = _select.lowest_each([u.units for u in pending.values()],
+                                 [u.k for u in pending.values()])
+    for i, p in zip(pending, pruned):
+      keep[i] = _select.shaped_like(sts[i].expand(~p, leaves[i].shape), leaves[i])
+  return keep
 
 
 def _keep_stacked(path, scores, s, st, ax):
@@ -255,9 +281,7 @@ def topk_mask(scores: Scores, sparsity: Sparsity, *,
     keep = _global_keep(paths, leaves, chosen, s, sts, axes)
   elif scope == "layerwise":
     per_leaf = allocation.per_leaf_sparsities(sparsity, paths, leaves, treedef, chosen)
-    keep = {i: _keep_leaf(paths[i], leaves[i], per_leaf[i], sts[i]) if axes[i] is None
-            else _keep_stacked(paths[i], leaves[i], per_leaf[i], sts[i], axes[i])
-            for i, c in enumerate(chosen) if c}
+    keep = _layerwise_keep(paths, leaves, chosen, per_leaf, sts, axes)
   else:
     raise ValueError(f"scope must be 'layerwise' or 'global', got {scope!r}.")
   out = [keep[i] if i in keep else jnp.ones((), bool) for i in range(len(leaves))]

@@ -29,9 +29,10 @@ import optax
 
 from jaxprune import _checks, _tree, allocation
 from jaxprune import _transform_utils as _util
+from jaxprune._select import lowest_each
 from jaxprune._typing import KeyLike, PyTree, Where
 from jaxprune.allocation import erk_sparsities
-from jaxprune.masks import lowest_k, topk_mask
+from jaxprune.masks import topk_mask
 from jaxprune.scores import random_scores
 
 __all__ = ["SparseTrainingState", "rigl", "set_training", "cosine_drop_fraction",
@@ -134,27 +135,25 @@ def _topology_fn(grow: str, where):
       m_leaves = treedef.flatten_up_to(masks)
       p_leaves = jax.tree.leaves(params)
       g_leaves = treedef.flatten_up_to(updates)
-      new, grown = [], []
-      for i, (m, p, g, c) in enumerate(zip(m_leaves, p_leaves, g_leaves, chosen, strict=True)):
-        if not c:
-          new.append(m)
-          grown.append(jnp.zeros((), bool))
-          continue
-        n_active = jnp.sum(m, dtype=jnp.int32)
-        k = jnp.floor(f * n_active.astype(jnp.float32)).astype(jnp.int32)
-        # Drop: the k active weights of smallest magnitude (inactive ones never qualify).
-        mag = jnp.abs(p).astype(jnp.float32)
-        dropped = lowest_k(jnp.where(m, mag, jnp.inf), k)
-        kept = m & ~dropped
-        # Grow: the k best among all connections not kept (the just-dropped included, as in
-        # RigL's Algorithm 1; one that is dropped and grown again keeps its weight and state).
-        if grow == "gradient":
-          score = jnp.abs(g).astype(jnp.float32)
-        else:
-          score = jax.random.uniform(jax.random.fold_in(key_t, i), m.shape, jnp.float32)
-        grow_mask = lowest_k(jnp.where(kept, jnp.inf, -score), k)
-        new.append(kept | grow_mask)
-        grown.append(grow_mask & ~m)
+      idx = [i for i, c in enumerate(chosen) if c]
+      ks = [jnp.floor(f * jnp.sum(m_leaves[i], dtype=jnp.int32).astype(jnp.float32)
+                      ).astype(jnp.int32) for i in idx]
+      # Drop: the k active weights of smallest magnitude (inactive ones never qualify). All
+      # leaves' selections at once: leaves of one shape share one compiled selection.
+      dropped = lowest_each([jnp.where(m_leaves[i], jnp.abs(p_leaves[i]).astype(jnp.float32),
+                                       jnp.inf) for i in idx], ks)
+      kept = [m_leaves[i] & ~d for i, d in zip(idx, dropped)]
+      # Grow: the k best among all connections not kept (the just-dropped included, as in
+      # RigL's Algorithm 1; one that is dropped and grown again keeps its weight and state).
+      if grow == "gradient":
+        scores = [jnp.abs(g_leaves[i]).astype(jnp.float32) for i in idx]
+      else:
+        scores = [jax.random.uniform(jax.random.fold_in(key_t, i), m_leaves[i].shape,
+                                     jnp.float32) for i in idx]
+      grows = lowest_each([jnp.where(kp, jnp.inf, -sc) for kp, sc in zip(kept, scores)], ks)
+      new, grown = list(m_leaves), [jnp.zeros((), bool)] * len(m_leaves)
+      for i, kp, g in zip(idx, kept, grows):
+        new[i], grown[i] = kp | g, g & ~m_leaves[i]
       return jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, grown)
 
     def stay(masks):

@@ -99,6 +99,23 @@ def test_mask_temporaries_within_one_leaf(kwargs):
   assert compiled.memory_analysis().temp_size_in_bytes <= 4 * largest
 
 
+def test_leaves_of_one_shape_share_one_selection_holding_one_leaf_copy():
+  """Layerwise leaves of one shape share one selection program (a ``lax.map`` that switches
+  to each leaf): its scratch is one copy of a leaf and a little more, whatever the number of
+  leaves, and no integer array of a leaf's size exists in a training step that holds it."""
+  shape = SHAPES[0]
+  temps = []
+  for n in (2, 4):
+    scores = {f"l{i}": jax.random.normal(jax.random.key(i), shape) for i in range(n)}
+    compiled = jax.jit(lambda s: jp.topk_mask(s, 0.5)).lower(scores).compile()
+    temps.append(compiled.memory_analysis().temp_size_in_bytes)
+  assert temps[0] == temps[1] <= 2 * 4 * math.prod(shape)
+  tx = optax.chain(optax.adam(1e-3), jp.magnitude_pruning(0.9, update_every=NEVER))
+  compiled = _compile_step(tx, _params((shape,) * 3))
+  assert " conditional(" in compiled.as_text()
+  assert _int_arrays_of_leaf_size(compiled, math.prod(shape)) == []
+
+
 # ----------------------------------------------------------------------------- exactness
 
 

@@ -57,7 +57,9 @@ def _split(flat, shapes):
   return out
 
 
-LAYER_SHAPES = {"a": (6, 8), "b": (3, 4, 5), "c": (17,)}
+# Leaves of one shape share one compiled selection (``_select.lowest_each``); "d" is alone.
+LAYER_SHAPES = {"a": (6, 8), "a2": (6, 8), "b": (3, 4, 5), "b2": (3, 4, 5), "b3": (3, 4, 5),
+                "c": (17,), "c2": (17,), "d": (5, 3)}
 
 
 @jax.jit
@@ -321,6 +323,12 @@ def check(data):
   k = data.draw(st.integers(0, 42))
   for masks in (jp.topk_mask({"a": a}, k / 42, where=ALL), layer({"a": a}, k / 42)):
     np.testing.assert_array_equal(np.asarray(masks["a"]), ~ref_pruned([a], k).reshape(6, 7))
+  # Two float64 leaves of one shape: one shared selection, each leaf its own k.
+  a2, k2 = draw(data, POOL64, (6, 7)), data.draw(st.integers(0, 42))
+  pair, sp = {"a": a, "a2": a2}, {"a": k / 42, "a2": k2 / 42}
+  for masks in (jp.topk_mask(pair, sp, where=ALL), layer(pair, sp)):
+    for name, x, kx in (("a", a, k), ("a2", a2, k2)):
+      np.testing.assert_array_equal(np.asarray(masks[name]), ~ref_pruned([x], kx).reshape(6, 7))
   kc = data.draw(st.integers(0, 13))
   np.testing.assert_array_equal(np.asarray(jp.lowest_k(c, kc)), ref_pruned([c], kc))
   kg = data.draw(st.integers(0, 62))

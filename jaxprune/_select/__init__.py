@@ -5,8 +5,8 @@ Private: the public entry points are :func:`jaxprune.topk_mask` and :func:`jaxpr
 What every selection guarantees, and why each XLA workaround is there, is in ``README.md`` next
 to this file.
 """
-from jaxprune._select.engine import lowest
+from jaxprune._select.engine import lowest, lowest_each
 from jaxprune._select.keys import to_keys
 from jaxprune._select.sharded import shaped_like
 
-__all__ = ["lowest", "to_keys", "shaped_like"]
+__all__ = ["lowest", "lowest_each", "to_keys", "shaped_like"]

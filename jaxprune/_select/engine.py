@@ -84,3 +84,68 @@ def lowest(arrays: list[jax.Array], k, group_axes=None) -> list[jax.Array]:
     return out
 
   return lax.cond(jnp.all(ties_to_take == n_at), take_all_ties, take_ties_by_index, arrays)
+
+
+@jax.jit
+def lowest_each(arrays: list[jax.Array], ks: list) -> list[jax.Array]:
+  """``[lowest([a], k)[0] for a, k in zip(arrays, ks)]``: the ``k_j`` lowest of each array on
+  its own (layerwise scope), with the same guarantees, compiled once per type of array.
+
+  Arrays of one type (shape, dtype, sharding) share ONE selection program: a ``lax.map`` over
+  them whose body picks array ``j`` with a ``lax.switch`` (a copy of one array), runs the radix
+  select and, when its ties are split, the tie-break on it, and returns a few scalars (the
+  threshold key, the ties to take, the multi-index of the last one). A final elementwise pass
+  per array makes its mask from them. Compile time then grows with the number of types, not of
+  arrays (GPT-2's 50 prunable leaves have 4 shapes); per-array selections made every array's
+  radix loop and tie-break a program of its own. An array alone of its type, and arrays sharded
+  over ``Explicit`` mesh axes (whose counts run in a ``shard_map``), take :func:`lowest`.
+  """
+  out = [None] * len(arrays)
+  classes: dict = {}
+  for j, a in enumerate(arrays):
+    if a.ndim == 0 or sharded.mesh_axes([a]) is not None:
+      out[j] = lowest([a], ks[j])[0]
+    else:
+      classes.setdefault(jax.typeof(a), []).append(j)
+  for js in classes.values():
+    if len(js) == 1:
+      out[js[0]] = lowest([arrays[js[0]]], ks[js[0]])[0]
+      continue
+    for j, m in zip(js, _lowest_of_one_type([arrays[j] for j in js], [ks[j] for j in js])):
+      out[j] = m
+  return out
+
+
+def _lowest_of_one_type(arrays, ks):
+  ftype, bits = keys_lib.compare_dtype(arrays)
+  shape = arrays[0].shape
+  k = jnp.stack([jnp.asarray(x, jnp.int32) for x in ks])
+
+  def select(j):
+    a = keys_lib.exact_cast(lax.switch(j, [lambda a=a: a for a in arrays]), ftype)
+    thresh, per_leaf = radix.threshold([a], k[j], None, counts_lib.add_counts)
+    take = k[j] - per_leaf[0][0]           # the ties to take, in [0, n_at]
+    split = (take > 0) & (take < per_leaf[0][1])
+    at_of = keys_lib.below_and_at(thresh, ftype, bits)[1]
+    index = lax.cond(split, lambda: ties.last_tie(a, at_of, jnp.maximum(take, 1)),
+                     lambda: [jnp.zeros((), jnp.int32)] * len(shape))
+    return thresh, take, split, jnp.stack(index)
+
+  thresh, take, split, index = lax.map(select, jnp.arange(len(arrays)))
+  # Scalars made by one fused reduction each (see _unstack), so that the final passes of
+  # arrays of one shape compile to equal kernels.
+  thresh, take, split = _unstack(thresh), _unstack(take), _unstack(split.astype(jnp.int32))
+  index = [_unstack(index[:, d]) for d in range(len(shape))]
+  return [_mark(a, thresh[j], take[j], split[j], [index[d][j] for d in range(len(shape))],
+                ftype=ftype, bits=bits) for j, a in enumerate(arrays)]
+
+
+@functools.partial(jax.jit, static_argnames=("ftype", "bits"))
+def _mark(a, thresh, take, split, index, *, ftype, bits):
+  """The final pass of :func:`lowest_each` over one array: below the threshold, or a tie taken
+  (all of them, or those up to ``index`` when the ties are split). Jitted, so that it is traced
+  once per type of array."""
+  a = keys_lib.exact_cast(a, ftype)
+  below_of, at_of = keys_lib.below_and_at(thresh, ftype, bits)
+  up_to = ties.up_to_index(a.shape, index)
+  return below_of(a) | (at_of(a) & jnp.where(split > 0, up_to, take > 0))

@@ -42,7 +42,7 @@ def _iota(shape, d) -> jax.Array:
       tuple(shape[d] if e == d else 1 for e in range(len(shape))))
 
 
-def _up_to(shape, index) -> jax.Array:
+def up_to_index(shape, index) -> jax.Array:
   """Whether each entry's multi-index is at or before ``index`` (one scalar per axis) in
   row-major order, from 1-D iotas."""
   fixed, before = jnp.ones((), bool), jnp.zeros((), bool)
@@ -53,58 +53,80 @@ def _up_to(shape, index) -> jax.Array:
   return before | fixed
 
 
+def _last_tie_index(shape, count, left) -> list[jax.Array]:
+  """The multi-index (one int32 scalar per axis) of the ``left``-th tie in row-major order.
+
+  One pass per axis ``d``: ``count(fixed, others)`` returns, for each index of ``d``, the ties
+  among the entries whose earlier indices are the ones already found, and the ties of the whole
+  slice (two outputs of one fused reduction, see :func:`first_ties_shared`); the index holding
+  the ``left``-th tie is found in the cumsum of their minimum.
+  """
+  index = []
+  for d in range(len(shape)):
+    others = tuple(e for e in range(len(shape)) if e != d)
+    fixed = functools.reduce(jnp.logical_and,
+                             [_iota(shape, e) == r for e, r in enumerate(index)],
+                             jnp.ones((), bool))
+    counts = jnp.minimum(*count(fixed, others))
+    # The indices before the one holding the left-th tie: those where the cumsum is below it.
+    before = cumsum_explicit_safe(counts, d) < left
+    r, taken = lax.reduce((before.astype(jnp.int32), jnp.where(before, counts, 0)),
+                          (np.int32(0), np.int32(0)),
+                          lambda u, v: (u[0] + v[0], u[1] + v[1]), tuple(range(len(shape))))
+    index.append(r)
+    left = left - taken
+  return index
+
+
+def _tie_counts(a, at_of, fixed, others):
+  # The ties of the whole slice bound those among the fixed entries: counting both (and using
+  # both) keeps the reduction variadic, so it fuses with the compare.
+  return counts_lib.count_many([a], [lambda x: at_of(x) & fixed, at_of], others, stack=False)
+
+
 def first_ties_shared(leaves, at_of, split, take, gate=True) -> list[jax.Array]:
   """The ties taken in each of ``leaves`` (of one type, ``ndim >= 2``): the first ``take[j]``
   ties in row-major order of the one leaf whose ties are split (``split[j]``; at most one is),
   and all ties or none (``take[j] > 0``) of the others.
 
-  The split leaf's last tie taken is found one axis at a time: count its ties at each index of
-  axis ``d`` among the entries whose earlier indices are the ones already found (one fused
-  reduction to an ``[n_d]`` vector), and find in that vector's cumsum the index holding the
-  ``take``-th tie. One pass per axis; nothing of a leaf's size but the masks. The leaves share
-  the passes, inside one ``lax.cond`` (taken when some leaf is split; without ``gate``, when the
-  caller already knows it is likely, they run unconditionally): each pass counts in one
-  ``lax.switch`` branch per leaf, so the leaf is chosen when the program runs and the scalar
-  work that follows is compiled once for all of them, not once per leaf (per-leaf tie-breaks
-  were most of the compile time of a global mask).
+  The split leaf's last tie taken is found one axis at a time (:func:`_last_tie_index`): count
+  its ties at each index of axis ``d`` among the entries whose earlier indices are the ones
+  already found (one fused reduction to an ``[n_d]`` vector), and find in that vector's cumsum
+  the index holding the ``take``-th tie. One pass per axis; nothing of a leaf's size but the
+  masks. The leaves share the passes, inside one ``lax.cond`` (taken when some leaf is split;
+  without ``gate``, when the caller already knows it is likely, they run unconditionally):
+  each pass counts in one ``lax.switch`` branch per leaf, so the leaf is chosen when the
+  program runs and the scalar work that follows is compiled once for all of them, not once per
+  leaf (per-leaf tie-breaks were most of the compile time of a global mask).
   """
   shape = leaves[0].shape
 
   def last_tie():
     sel = jnp.argmax(jnp.stack(split))
     left = jnp.sum(jnp.where(jnp.stack(split), jnp.stack(take), 0), dtype=jnp.int32)
-    index = []
-    for d in range(len(shape)):
-      others = tuple(e for e in range(len(shape)) if e != d)
-      fixed = functools.reduce(jnp.logical_and,
-                               [_iota(shape, e) == r for e, r in enumerate(index)],
-                               jnp.ones((), bool))
-
-      def count(a, fixed=fixed, others=others):
-        return counts_lib.count_many([a], [lambda x: at_of(x) & fixed, at_of], others,
-                                     stack=False)
-
-      # The ties of the whole slice bound those among the fixed entries: counting both (and
-      # using both) keeps the reduction variadic, so it fuses with the compare. Their minimum
-      # is taken after the switch, in one kernel for all the leaves.
-      counts = lax.switch(sel, [lambda a=a: count(a) for a in leaves])
-      counts = jnp.minimum(*counts)
-      # The indices before the one holding the take-th tie: those where the cumsum is below it.
-      before = cumsum_explicit_safe(counts, d) < left
-      r, taken = lax.reduce((before.astype(jnp.int32), jnp.where(before, counts, 0)),
-                            (np.int32(0), np.int32(0)),
-                            lambda u, v: (u[0] + v[0], u[1] + v[1]), tuple(range(len(shape))))
-      index.append(r)
-      left = left - taken
-    return index
+    # The minimum of the two counts is taken after the switch, in one kernel for all leaves.
+    count = lambda fixed, others: lax.switch(
+        sel, [lambda a=a: _tie_counts(a, at_of, fixed, others) for a in leaves])
+    return _last_tie_index(shape, count, left)
 
   if gate:
     index = lax.cond(jnp.any(jnp.stack(split)), last_tie,
                      lambda: [jnp.zeros((), jnp.int32)] * len(shape))
   else:
     index = last_tie()   # with no leaf split, the index found is unused
-  up_to = _up_to(shape, index)
+  up_to = up_to_index(shape, index)
   return [at_of(a) & jnp.where(s, up_to, t > 0) for a, s, t in zip(leaves, split, take)]
+
+
+def last_tie(a: jax.Array, at_of, take) -> list[jax.Array]:
+  """The multi-index (one int32 scalar per axis) of the ``take``-th entry of ``a`` where
+  ``at_of(a)`` holds, in row-major order (``1 <= take <= count``): one pass per axis for
+  ``ndim >= 2``, a radix select over the position for 1-D (see :func:`first_ties`). With
+  :func:`up_to_index`, the ties taken are ``at_of(a) & up_to_index(a.shape, index)``."""
+  if a.ndim >= 2:
+    return _last_tie_index(a.shape, lambda fixed, others: _tie_counts(a, at_of, fixed, others),
+                           take)
+  return [_last_position(a, at_of, take, (0,)).astype(jnp.int32)]
 
 
 def first_ties_by_axis(a: jax.Array, at_of, take) -> jax.Array:
@@ -128,6 +150,14 @@ def first_ties(a: jax.Array, at_of, take, axes) -> jax.Array:
   axes = tuple(sorted(axes))
   if len(axes) == a.ndim >= 2:
     return first_ties_by_axis(a, at_of, take)
+  last = _last_position(a, at_of, take, axes)
+  return at_of(a) & index_below(a.shape, axes, last + np.uint32(1))
+
+
+def _last_position(a, at_of, take, axes) -> jax.Array:
+  """The row-major position over ``axes`` (uint32, per group of the other axes) of the
+  ``take``-th entry where ``at_of(a)`` holds: a radix select over the position, counting the
+  ties below 16 candidate positions per pass in one fused reduction."""
   n = math.prod(a.shape[d] for d in axes)
   bits = -(-max(n, 2).bit_length() // radix.RADIX_BITS) * radix.RADIX_BITS
   group_axes = None if len(axes) == a.ndim else axes
@@ -139,5 +169,4 @@ def first_ties(a: jax.Array, at_of, take, axes) -> jax.Array:
         [lambda x, c=c: at_of(x) & index_below(x.shape, axes, c) for c in cands],
         group_axes)
 
-  last = radix.radix_select(count_below, take, bits, jnp.uint32, gshape)
-  return at_of(a) & index_below(a.shape, axes, last + np.uint32(1))
+  return radix.radix_select(count_below, take, bits, jnp.uint32, gshape)
