@@ -111,13 +111,11 @@ def _keep_leaf(path, scores, s, st):
     group_axes = tuple(i for i in range(scores.ndim) if i != ax)
     k = allocation.num_to_prune(s, st.num_units(scores.shape))
     return ~_select.lowest([scores], k, group_axes)[0]
+  # Even k = 0 or k = n goes to the selection: the leaves of one type share one program, and
+  # which leaves it holds must not depend on the sparsities' values (each set of leaves would
+  # be another compilation of eager calls).
   units = st.unit_scores(scores)
-  k = allocation.num_to_prune(s, units.size)
-  if isinstance(k, int) and k == 0:
-    return jnp.ones_like(scores, dtype=bool)
-  if isinstance(k, int) and k == units.size:
-    return jnp.zeros_like(scores, dtype=bool)
-  return _Units(units, k)
+  return _Units(units, allocation.num_to_prune(s, units.size))
 
 
 def _layerwise_keep(paths, leaves, chosen, per_leaf, sts, axes):
