@@ -13,11 +13,13 @@ assert jax.device_count() == 8
 keys = jax.random.split(jax.random.key(0), 4)
 params = {
     "a": jax.random.normal(keys[0], (64, 128)),
+    "a2": jax.random.normal(keys[3], (64, 128)),  # with "a": one shared layerwise selection
     "b": jax.random.normal(keys[1], (128, 32)),
     "c": jnp.zeros((16, 64)).at[:, :8].set(1.0),          # ties straddle thresholds
     "bias": jnp.ones(32),
 }
-specs = {"a": P(None, "x"), "b": P("x", None), "c": P(None, "x"), "bias": P()}
+specs = {"a": P(None, "x"), "a2": P(None, "x"), "b": P("x", None), "c": P(None, "x"),
+         "bias": P()}
 ref = {
     "layer": jp.topk_mask(jp.magnitude_scores(params), 0.7),
     "global": jp.topk_mask(jp.magnitude_scores(params), 0.7, scope="global"),
@@ -37,7 +39,7 @@ for kind in (AxisType.Auto, AxisType.Explicit):
     }
     for name, fn in fns.items():
       masks = jax.jit(fn)(sharded)
-      for leaf in ("a", "b", "c"):
+      for leaf in ("a", "a2", "b", "c"):
         np.testing.assert_array_equal(np.asarray(masks[leaf]), np.asarray(ref[name][leaf]))
         got = masks[leaf].sharding
         want = sharded[leaf].sharding

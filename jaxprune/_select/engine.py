@@ -96,7 +96,7 @@ def lowest_each(arrays: list[jax.Array], ks: list) -> list[jax.Array]:
   select and, when its ties are split, the tie-break on it, and returns a few scalars (the
   threshold key, the ties to take, the multi-index of the last one). A final elementwise pass
   per array makes its mask from them. Compile time then grows with the number of types, not of
-  arrays (GPT-2's 50 prunable leaves have 4 shapes); per-array selections made every array's
+  arrays (GPT-2's 50 prunable leaves have 6 shapes); per-array selections made every array's
   radix loop and tie-break a program of its own. An array alone of its type, and arrays sharded
   over ``Explicit`` mesh axes (whose counts run in a ``shard_map``), take :func:`lowest`.
   """
