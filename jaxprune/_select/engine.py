@@ -86,7 +86,6 @@ def lowest(arrays: list[jax.Array], k, group_axes=None) -> list[jax.Array]:
   return lax.cond(jnp.all(ties_to_take == n_at), take_all_ties, take_ties_by_index, arrays)
 
 
-@jax.jit
 def lowest_each(arrays: list[jax.Array], ks: list) -> list[jax.Array]:
   """``[lowest([a], k)[0] for a, k in zip(arrays, ks)]``: the ``k_j`` lowest of each array on
   its own (layerwise scope), with the same guarantees, compiled once per type of array.
@@ -99,6 +98,9 @@ def lowest_each(arrays: list[jax.Array], ks: list) -> list[jax.Array]:
   arrays (GPT-2's 50 prunable leaves have 6 shapes); per-array selections made every array's
   radix loop and tie-break a program of its own. An array alone of its type, and arrays sharded
   over ``Explicit`` mesh axes (whose counts run in a ``shard_map``), take :func:`lowest`.
+  Not jitted itself: called eagerly, each part hits the cache of its own jitted program
+  (:func:`lowest` per array shape, the shared one per type and number of arrays), so a new
+  tree compiles only the shapes it adds.
   """
   out = [None] * len(arrays)
   classes: dict = {}
@@ -116,6 +118,7 @@ def lowest_each(arrays: list[jax.Array], ks: list) -> list[jax.Array]:
   return out
 
 
+@jax.jit
 def _lowest_of_one_type(arrays, ks):
   ftype, bits = keys_lib.compare_dtype(arrays)
   shape = arrays[0].shape
