@@ -130,9 +130,8 @@ def last_tie(a: jax.Array, at_of, take) -> list[jax.Array]:
 
 
 def first_ties_by_axis(a: jax.Array, at_of, take) -> jax.Array:
-  """:func:`first_ties` over the whole leaf (``ndim >= 2``): :func:`first_ties_shared` of one
-  leaf."""
-  return first_ties_shared([a], at_of, [jnp.ones((), bool)], [take], gate=False)[0]
+  """:func:`first_ties` over the whole leaf (``ndim >= 2``): the ties up to :func:`last_tie`."""
+  return at_of(a) & up_to_index(a.shape, last_tie(a, at_of, take))
 
 
 def first_ties(a: jax.Array, at_of, take, axes) -> jax.Array:
