@@ -144,7 +144,7 @@ def _layerwise_keep(paths, leaves, chosen, per_leaf, sts, axes):
 @functools.partial(jax.jit, static_argnames=("st",))
 def _expand_keep(pruned_units: jax.Array, leaf: jax.Array, *, st) -> jax.Array:
   """The keep-mask of ``leaf`` from its pruned units, sharded like the leaf. Jitted, so that an
-  eager call runs one program per leaf type, not an eager op (and its compile) per step."""
+  eager call runs one program per leaf type, not one eager op (each compiled) per operation."""
   return _select.shaped_like(st.expand(~pruned_units, leaf.shape), leaf)
 
 

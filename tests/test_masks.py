@@ -1,4 +1,5 @@
 """The DESIGN.md rules for masks: exact counts, ties, NaN, tree shape, structures, bad input."""
+import logging
 import math
 import re
 
@@ -373,7 +374,6 @@ class ScoresTest(parameterized.TestCase):
 def test_eager_masks_compile_one_program_per_leaf_not_per_op(caplog):
   """An eager ``topk_mask`` runs the library's jitted per-leaf programs only: no one-op program
   (an eager op compiles one per shape: an eager N:M mask took ~14x its jitted time)."""
-  import logging
   scores = {"a": jax.random.normal(jax.random.key(0), (28, 12)),   # shapes no other test uses
             "b": jax.random.normal(jax.random.key(1), (12, 52))}
   jax.block_until_ready(scores)
