@@ -109,7 +109,9 @@ def test_leaves_of_one_shape_share_one_selection_holding_one_leaf_copy():
     scores = {f"l{i}": jax.random.normal(jax.random.key(i), shape) for i in range(n)}
     compiled = jax.jit(lambda s: jp.topk_mask(s, 0.5)).lower(scores).compile()
     temps.append(compiled.memory_analysis().temp_size_in_bytes)
-  assert temps[0] == temps[1] <= 2 * 4 * math.prod(shape)
+  # No growth with the number of leaves (a copy per leaf would add 48 kB per leaf): the temps
+  # of 2 and 4 leaves differ only in how XLA packs a few scalars, by well under 1 kB.
+  assert abs(temps[1] - temps[0]) < 1024 and max(temps) <= 2 * 4 * math.prod(shape)
   tx = optax.chain(optax.adam(1e-3), jp.magnitude_pruning(0.9, update_every=NEVER))
   compiled = _compile_step(tx, _params((shape,) * 3))
   assert " conditional(" in compiled.as_text()

@@ -143,7 +143,7 @@ def first_ties(a: jax.Array, at_of, take, axes) -> jax.Array:
   Over a whole leaf of 2 or more axes, one pass per axis (:func:`first_ties_by_axis`).
   Otherwise (a 1-D leaf, or groups, where a count per index would be as large as the leaf), a
   radix select over the position, like the one over the float keys: the last position taken is
-  found 4 bits a pass by counting ties below 16 candidate positions in one fused reduction.
+  found 2 bits a pass by counting ties below 3 candidate positions in one fused reduction.
   Either way: no int32 array of the leaf's size, nothing flattened.
   """
   axes = tuple(sorted(axes))
@@ -156,7 +156,7 @@ def first_ties(a: jax.Array, at_of, take, axes) -> jax.Array:
 def _last_position(a, at_of, take, axes) -> jax.Array:
   """The row-major position over ``axes`` (uint32, per group of the other axes) of the
   ``take``-th entry where ``at_of(a)`` holds: a radix select over the position, counting the
-  ties below 16 candidate positions per pass in one fused reduction."""
+  ties below 3 candidate positions per pass in one fused reduction."""
   n = math.prod(a.shape[d] for d in axes)
   bits = -(-max(n, 2).bit_length() // radix.RADIX_BITS) * radix.RADIX_BITS
   group_axes = None if len(axes) == a.ndim else axes
@@ -164,7 +164,7 @@ def _last_position(a, at_of, take, axes) -> jax.Array:
 
   def count_below(cands):
     return counts_lib.count_many(
-        counts_lib.opaque([a], cands[1]),
+        counts_lib.opaque([a], cands[0]),
         [lambda x, c=c: at_of(x) & index_below(x.shape, axes, c) for c in cands],
         group_axes)
 
