@@ -204,10 +204,14 @@ def _global_keep(paths, leaves, chosen, s, sts, axes=None):
     raise ValueError(f"scope='global' counts with int32; {total} prunable units exceed 2**31-1.")
   k = allocation.num_to_prune(s, total)
   pruned = _select.lowest(units, k)
-  return {i: _select.shaped_like(
-      _stacked_expand(~p, sts[i], stacking.slice_shape(leaves[i].shape, axes[i]), axes[i]),
-      leaves[i]) if b else _expand_keep(p, leaves[i], st=sts[i])
-          for i, p, b in zip(idx, pruned, by_slice)}
+  keep = {}
+  for i, p, b in zip(idx, pruned, by_slice):
+    if b:
+      sl = stacking.slice_shape(leaves[i].shape, axes[i])
+      keep[i] = _select.shaped_like(_stacked_expand(~p, sts[i], sl, axes[i]), leaves[i])
+    else:
+      keep[i] = _expand_keep(p, leaves[i], st=sts[i])
+  return keep
 
 
 def topk_mask(scores: Scores, sparsity: Sparsity, *,
