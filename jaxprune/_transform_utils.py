@@ -195,24 +195,30 @@ def check_step(count, every, end):
   return (count > 0) & (((count % every == 0) & (count < end)) | (count == 1) | (count == end))
 
 
-def check_or_update(is_update, is_check, keep, check, update, masks):
-  """``update(masks)`` on update steps (after ``check(masks)``), ``check(masks)`` then
-  ``keep(masks)`` on check-only steps, else ``keep(masks)``: one ``lax.switch``, so the update
-  is compiled once. Every update step after step 0 is a check step (see :func:`check_step`), so
-  ``check`` runs on every update step; a transform that updates at step 0 guards ``check``
-  there (there is nothing to check yet). Separate conds for the
-  check and the update made XLA copy every param leaf on every step with donated buffers: a
-  step that did neither cost 2.8x an adam step instead of 1.6x (16 leaves of 1024x1024, CPU)."""
-  def check_keep(m):
-    check(m)
-    return keep(m)
+def check_or_update(is_update, is_check, keep, check, update, operand):
+  """``update(operand)`` on update steps, ``keep(operand)`` on other steps, after
+  ``zero = check(operand)`` (the misplacement check, which returns an int32 0 computed from its
+  counts) on check steps. Every update step after step 0 is a check step (see
+  :func:`check_step`); a transform that updates at step 0 guards ``check`` there (there is
+  nothing to check yet).
 
-  def check_update(m):
-    check(m)
-    return update(m)
+  Two nested conds, ``cond(is_update | is_check, check; cond(is_update, update, fresh), keep)``,
+  where ``fresh`` is ``keep`` written to new buffers (``x | (zero != 0)``, ``x + zero``). So
+  the step that does neither (nearly every step) passes ``operand`` through one 2-way cond,
+  which XLA:CPU does in place, and no branch both reads the masks and passes them through:
+  such a branch (the former keep / check / check + update ``lax.switch``) made XLA:CPU copy
+  every mask at every step, taken or not (7,600 page faults a step: a magnitude step without an
+  update cost 2.0x an adam step on the half-width GPT-2 tree, 1.4x now, ``model_scale``;
+  ``tests/test_mask_footprint.py`` pins that no mask is copied)."""
+  def fresh(x, zero):
+    return jax.tree.map(lambda a: a | (zero != 0) if a.dtype == jnp.bool_
+                        else a + zero.astype(a.dtype), keep(x))
 
-  branch = jnp.where(is_update, 2, jnp.where(is_check, 1, 0))
-  return lax.switch(branch, [keep, check_keep, check_update], masks)
+  def check_then(x):
+    zero = check(x)
+    return lax.cond(is_update, update, lambda x: fresh(x, zero), x)
+
+  return lax.cond(is_update | is_check, check_then, keep, operand)
 
 
 def nonzero_pruned(masks, params, chosen) -> tuple[jax.Array, jax.Array]:
@@ -254,10 +260,13 @@ def _raise_misplaced(name: str, paths: Sequence[str], bad, pruned, count) -> Non
       f"'{paths[i]}' that its masks prune are not 0 in the params{more}. {MISPLACED_FIX}")
 
 
-def raise_if_misplaced(name: str, paths: Sequence[str], bad, pruned, count) -> None:
-  """Raises (through a host callback, only when the check failed) the misplacement error."""
+def check_misplaced(name: str, paths: Sequence[str], bad, pruned, count) -> jax.Array:
+  """Raises (through a host callback, only when the check failed) the misplacement error;
+  returns ``min(Σ bad, 0)``, an int32 0 computed from the counts, for :func:`check_or_update`
+  to make its check-only branch write fresh masks."""
   if not paths:
-    return
+    return jnp.zeros((), jnp.int32)
   cb = lambda b, n, c: _raise_misplaced(name, tuple(paths), b, n, c)
   lax.cond(jnp.any(bad > 0), lambda: jax.debug.callback(cb, bad, pruned, count),
            lambda: None)
+  return jnp.minimum(jnp.sum(bad), 0)

@@ -163,7 +163,7 @@ def _topology_fn(grow: str, where):
 
     def check(masks):
       bad, pruned = _util.nonzero_pruned(masks, params, chosen)
-      _util.raise_if_misplaced(name, chosen_paths, bad, pruned, count)
+      return _util.check_misplaced(name, chosen_paths, bad, pruned, count)
 
     return _util.check_or_update(is_update, _util.check_step(count, every, t_end), stay, check,
                                  move, masks)

@@ -166,7 +166,7 @@ def _masks_fn(score_fn, structure, scope, distribution, where, accumulate, strai
 
     def check(masks):
       bad, pruned = _util.nonzero_pruned(masks, params, chosen)
-      _util.raise_if_misplaced(name, chosen_paths, bad, pruned, count)
+      return _util.check_misplaced(name, chosen_paths, bad, pruned, count)
 
     def keep(masks):
       return masks
@@ -175,7 +175,7 @@ def _masks_fn(score_fn, structure, scope, distribution, where, accumulate, strai
     if straight_through:
       return lax.cond(is_update, recompute, keep, masks), acc
     # step 0 updates without a check: there is nothing to check yet
-    guarded_check = lambda m: lax.cond(count > 0, check, lambda m: None, m)
+    guarded_check = lambda m: lax.cond(count > 0, check, lambda m: jnp.zeros((), jnp.int32), m)
     return _util.check_or_update(is_update, _util.check_step(count, every, end), keep,
                                  guarded_check, recompute, masks), acc
 
