@@ -203,7 +203,7 @@ def check_or_update(is_update, is_check, keep, check, update, operand):
   nothing to check yet).
 
   Two nested conds, ``cond(is_update | is_check, check; cond(is_update, update, fresh), keep)``,
-  where ``fresh`` is ``keep`` written to new buffers (``x | (zero != 0)``, ``x + zero``). So
+  where ``fresh`` is ``keep`` written to new buffers (``m | (zero != 0)``; masks are bool). So
   the step that does neither (nearly every step) passes ``operand`` through one 2-way cond,
   which XLA:CPU does in place, and no branch both reads the masks and passes them through:
   such a branch (the former keep / check / check + update ``lax.switch``) made XLA:CPU copy
@@ -211,8 +211,7 @@ def check_or_update(is_update, is_check, keep, check, update, operand):
   update cost 2.0x an adam step on the half-width GPT-2 tree, 1.4x now, ``model_scale``;
   ``tests/test_mask_footprint.py`` pins that no mask is copied)."""
   def fresh(x, zero):
-    return jax.tree.map(lambda a: a | (zero != 0) if a.dtype == jnp.bool_
-                        else a + zero.astype(a.dtype), keep(x))
+    return jax.tree.map(lambda m: m | (zero != 0), keep(x))
 
   def check_then(x):
     zero = check(x)

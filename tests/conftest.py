@@ -28,8 +28,8 @@ import textwrap
 # Set before jax starts its backend, and inherited by every subprocess a test starts. The older
 # emitters go with the optimizations off (with XLA's optimizations on they compile ~3x SLOWER);
 # one codegen piece per module: the two test workers already use both cores.
-_FAST_EMITTERS = "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
-for _flag in _FAST_EMITTERS.split():
+_TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+for _flag in _TEST_XLA_FLAGS.split():
   if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
@@ -50,7 +50,7 @@ def run_with_devices(code: str, num_devices: int = 8, timeout: int = 300) -> str
   Fails the calling test with the child's stderr if the child exits non-zero.
   """
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices} {_FAST_EMITTERS}"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices} {_TEST_XLA_FLAGS}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   proc = subprocess.run(
