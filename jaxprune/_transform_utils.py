@@ -11,10 +11,11 @@ previous masks pruned is exactly 0 in the params it receives. The check is one f
 reduction per prunable leaf (no intermediate of a leaf's size), and runs only inside the
 conditional the transform already has: on mask-update steps, at step 1 (the first step that can
 see step 0's masks applied) and at ``end_step`` — never on the other steps, which cost nothing
-more. When it fails it raises through ``jax.debug.callback`` (inside a ``lax.cond`` on the
-failure, so a passing check calls nothing on the host): under ``jax.jit`` on CPU, GPU and TPU
-the error surfaces as a ``jax.errors.JaxRuntimeError`` carrying the message, which names the
-leaf, the step and the fix. Misuse is a property of the optimizer, present from the first
+more. When it fails it raises through a ``jax.pure_callback`` (inside a ``lax.cond`` on the
+failure, so a passing check calls nothing on the host; see :mod:`jaxprune._checks` for why not
+an effectful callback): under ``jax.jit`` the error surfaces as a ``jax.errors.JaxRuntimeError``
+(``ValueError`` from JAX's C++ fast path) carrying the message, which names the leaf, the step
+and the fix. Misuse is a property of the optimizer, present from the first
 steps, so a check on these steps finds it.
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ def as_schedule(value, name: str = "sparsity") -> Callable[[jax.Array], jax.Arra
       v = jnp.asarray(value(count), jnp.float32)
       if v.ndim != 0:
         raise ValueError(f"the {name} schedule must return a scalar, got shape {v.shape}.")
-      _checks.check(~_checks.is_fraction(v), lambda v, c: (
+      v = _checks.check(~_checks.is_fraction(v), lambda v, c: (
           f"the {name} schedule returned {float(v)} at step {int(c)}; a {name} must be in "
           "[0, 1]."), v, count)
       return jnp.clip(v, 0.0, 1.0)
@@ -265,7 +266,6 @@ def check_misplaced(name: str, paths: Sequence[str], bad, pruned, count) -> jax.
   to make its check-only branch write fresh masks."""
   if not paths:
     return jnp.zeros((), jnp.int32)
-  cb = lambda b, n, c: _raise_misplaced(name, tuple(paths), b, n, c)
-  lax.cond(jnp.any(bad > 0), lambda: jax.debug.callback(cb, bad, pruned, count),
-           lambda: None)
-  return jnp.minimum(jnp.sum(bad), 0)
+  raise_if_bad = lambda b, n, c: _raise_misplaced(name, tuple(paths), b, n, c)
+  zero = _checks.host_check(raise_if_bad, jnp.any(bad > 0), bad, pruned, count)
+  return _checks.depend_on(jnp.minimum(jnp.sum(bad), 0), zero)

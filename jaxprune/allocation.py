@@ -38,7 +38,8 @@ def check_fraction(value: float | jax.Array, path: str, what: str = "sparsity", 
 
   A concrete value is checked now. A traced one is checked when the program runs
   (``jaxprune._checks``: NaN or a value outside [0, 1] raises a ``ValueError`` carried by a
-  ``jax.errors.JaxRuntimeError``); with ``deferred``, ``(path, value)`` is appended to it instead,
+  ``jax.errors.JaxRuntimeError``); it returns the value made to depend on that check (use it in
+  place of ``value``); with ``deferred``, ``(path, value)`` is appended to it instead,
   for the caller to check many values at once.
   """
   if _is_number(value) or (isinstance(value, np.ndarray) and value.ndim == 0):
@@ -56,24 +57,24 @@ def check_fraction(value: float | jax.Array, path: str, what: str = "sparsity", 
     return value
   if isinstance(value, jax.Array):
     if deferred is None:
-      _checks.check_fractions([value], [path], what)
-    else:
-      deferred.append((path, value))
+      return _checks.check_fractions([value], [path], what)[0]
+    deferred.append((path, value))
     return value
   raise ValueError(f"{what} for leaf '{path}' must be a number or a 0-d array, got "
                    f"{type(value).__name__}.")
 
 
-def _check_deferred(deferred: list, what: str = "sparsity") -> None:
+def _check_deferred(deferred: list, what: str = "sparsity") -> dict:
   """One run-time check for the traced values :func:`check_fraction` deferred (each distinct
-  tracer once)."""
+  tracer once): ``{id(value): value made to depend on the check}``."""
   seen, paths, values = set(), [], []
   for path, value in deferred:
     if id(value) not in seen:
       seen.add(id(value))
       paths.append(path)
       values.append(value)
-  _checks.check_fractions(values, paths, what)
+  checked = _checks.check_fractions(values, paths, what)
+  return {id(v): c for v, c in zip(values, checked)}
 
 
 def _compile_pattern(pattern: str) -> re.Pattern:
@@ -91,8 +92,8 @@ def per_leaf_sparsities(sparsity: Sparsity, paths: list[str], leaves: list,
   """Resolves any accepted sparsity spec to one value per leaf (None for unselected leaves)."""
   deferred: list = []
   out = _resolve(sparsity, paths, leaves, treedef, chosen, deferred)
-  _check_deferred(deferred)
-  return out
+  checked = _check_deferred(deferred)
+  return [checked.get(id(v), v) for v in out]
 
 
 def _resolve(sparsity, paths, leaves, treedef, chosen, deferred):
@@ -168,7 +169,7 @@ def erk_sparsities(params: Params, sparsity: float | jax.Array, *, where: Where 
     Evci et al., "Rigging the Lottery: Making All Tickets Winners", ICML 2020 (ERK);
     Mocanu et al., Nature Communications 2018 (Erdős–Rényi).
   """
-  check_fraction(sparsity, "<all>")
+  sparsity = check_fraction(sparsity, "<all>")
   paths, leaves, treedef, chosen = _tree.selected(params, stacking.where_for(where, stacked))
   shapes = [tuple(np.shape(x)) for x in leaves]
   # A leaf without elements (a zero in its shape) has nothing to prune: sparsity 0.0.

@@ -84,8 +84,8 @@ def _n_of_m_leaf(path, scores, s, st):
       raise ValueError(_n_of_m_message(st, value, path))
     return _n_of_m_keep(scores, st)
   # Traced: checked when the program runs (a GMP ramp passes through sparsities N:M cannot give).
-  _checks.check(~((s == 0) | (jnp.abs(s - st.sparsity) <= tol)),
-                lambda v: _n_of_m_message(st, float(v), path, traced=True), s)
+  s = _checks.check(~((s == 0) | (jnp.abs(s - st.sparsity) <= tol)),
+                    lambda v: _n_of_m_message(st, float(v), path, traced=True), s)
   return _n_of_m_keep(scores, st) | (s <= 0)
 
 
@@ -260,8 +260,9 @@ def topk_mask(scores: Scores, sparsity: Sparsity, *,
       selects nothing or selects a non-float leaf.
     jax.errors.JaxRuntimeError: when the program runs, carrying the same ``ValueError``
       message, for a *traced* sparsity that is NaN, outside [0, 1], or (with :func:`n_of_m`)
-      neither 0 nor ``1 - n/m``. The check is a ``lax.cond`` and a ``jax.debug.callback``
-      that is only called when the value is bad.
+      neither 0 nor ``1 - n/m``; a ``ValueError`` with that message when JAX's C++ dispatch
+      fast path serves the call (jax-ml/jax#34083). The check is a ``lax.cond`` and a
+      ``jax.pure_callback`` that is only called when the value is bad.
 
   Scores are compared exactly in their own type's order (float64 under x64, float32,
   bfloat16, float16; mixed leaves in a type that holds them all), on integer keys: subnormals

@@ -201,7 +201,7 @@ def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop
     _, chosen, _ = _util.selection(model, where)
     count = state.count
     f = jnp.asarray(frac(count), jnp.float32)
-    _checks.check(~_checks.is_fraction(f), lambda v, c: (
+    f = _checks.check(~_checks.is_fraction(f), lambda v, c: (
         f"drop_fraction {float(v)} at step {int(c)} is outside [0, 1]."), f, count)
     masks, grown = new_topology(state.masks, model, updates, count, f,
                                 jax.random.fold_in(grow_key, count),

@@ -47,7 +47,8 @@ chain (it leaves params and the pruning state unchanged on such a step)::
 A traced sparsity (a schedule's value, an ``inject_hyperparams`` hyperparameter) that is NaN or
 outside [0, 1], or that :func:`jaxprune.n_of_m` cannot give (a gradual ramp passes through
 such values: use a schedule that jumps, e.g. :func:`jaxprune.one_shot_schedule`), raises when
-the step runs: a ``jax.errors.JaxRuntimeError`` carrying the ``ValueError`` message.
+the step runs: a ``jax.errors.JaxRuntimeError`` carrying the ``ValueError`` message (or a
+``ValueError`` with it, when JAX's C++ dispatch fast path serves the call: jax-ml/jax#34083).
 
 State is a :class:`PruningState` NamedTuple of fixed structure; :func:`masks_from_state` finds
 the masks in any nested optax state and :func:`replace_masks` puts masks into one.
@@ -243,8 +244,9 @@ def pruning(score_fn: ScoreFn, sparsity: optax.ScalarOrSchedule, *,
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`PruningState`.
 
   Raises:
-    jax.errors.JaxRuntimeError: (from the compiled step) at an update whose params have
-      nonzero weights where the previous masks prune: the transform is misplaced (see above).
+    jax.errors.JaxRuntimeError: (from the compiled step; ``ValueError`` from JAX's C++ fast
+      path, jax-ml/jax#34083) at an update whose params have nonzero weights where the previous
+      masks prune: the transform is misplaced (see above).
 
   Examples:
     >>> import jax.numpy as jnp, optax, jaxprune as jp

@@ -17,6 +17,7 @@ import optax
 import pytest
 
 import jaxprune as jp
+from jaxprune import _checks
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -345,7 +346,7 @@ def test_misplaced_transform_raises_with_the_fix(tx, loss):
   params = _params()
   if "lookahead" in repr(tx.init):
     params = optax.LookaheadParams.init_synced(params)
-  with pytest.raises(jax.errors.JaxRuntimeError, match=r"inner_tx=optax\.chain") as err:
+  with pytest.raises(_checks.RUNTIME_ERRORS, match=r"inner_tx=optax\.chain") as err:
     _jit_train(tx, params, 6, loss)
   assert "are not 0 in the params" in str(err.value)
 
@@ -414,5 +415,5 @@ def test_misplacement_check_under_vmap_and_scan():
   p, masks = jax.block_until_ready(steps(good))
   assert [int(s) for s in (~np.asarray(masks["w"])).sum(axis=(1, 2))] == [32] * 4
   np.testing.assert_array_equal(np.asarray(p["w"])[~np.asarray(masks["w"])], 0.0)
-  with pytest.raises(jax.errors.JaxRuntimeError, match="jaxprune.rigl"):
+  with pytest.raises(_checks.RUNTIME_ERRORS, match="jaxprune.rigl"):
     jax.block_until_ready(steps(optax.chain(good, optax.scale(0.5))))

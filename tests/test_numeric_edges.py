@@ -15,9 +15,9 @@ import pytest
 from conftest import run_with_devices
 
 import jaxprune as jp
-from jaxprune import _floats
+from jaxprune import _checks, _floats
 
-RUNTIME = jax.errors.JaxRuntimeError
+RUNTIME = _checks.RUNTIME_ERRORS  # JaxRuntimeError, or ValueError from the C++ fast path
 
 
 # ----------------------------------------------------------------------------- 4. float64
