@@ -19,7 +19,10 @@ optimizations off (with them on, ~3x more), and generates each module's code in 
 test_transforms and test_train_recipes, since both cores already run a test worker). These
 settings are in the environment, so every subprocess a test starts inherits them. The footprint
 and collective tests pass either way.
+
+Each test module starts with ``gc.freeze()`` (``_freeze_long_lived_objects``): 3-13% less CPU time.
 """
+import gc
 import os
 import subprocess
 import sys
@@ -90,3 +93,15 @@ def xla_optimized():
   Use with ``pytestmark = pytest.mark.usefixtures("xla_optimized")``.
   """
   yield from _optimizations(False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _freeze_long_lived_objects():
+  """Moves every object alive when a test module starts (imported libraries, cached programs,
+  earlier modules' fixtures) into Python's permanent GC generation, so that the collector's full
+  passes no longer traverse them: they are a large heap by the suite's middle, and orbax's failed
+  restores collect explicitly (``train/checkpointing.py``). Objects a test creates are collected
+  as before. Measured on the whole suite, two pairs, a quiet 2-core AMD host: 539 and 600 s user
+  CPU without it, 521 and 520 s with it; peak RSS 4.99 GB and 5.03 GB."""
+  gc.freeze()
+  yield
