@@ -209,7 +209,7 @@ def check_or_update(is_update, is_check, keep, check, update, operand):
   which XLA:CPU does in place, and no branch both reads the masks and passes them through:
   such a branch (the former keep / check / check + update ``lax.switch``) made XLA:CPU copy
   every mask at every step, taken or not (7,600 page faults a step: a magnitude step without an
-  update cost 2.0x an adam step on the half-width GPT-2 tree, 1.4x now, ``model_scale``;
+  update cost 2.0x an adam step on the half-width GPT-2 tree, 1.4x after it, ``model_scale``;
   ``tests/test_mask_footprint.py`` pins that no mask is copied)."""
   def fresh(x, zero):
     return jax.tree.map(lambda m: m | (zero != 0), keep(x))

@@ -130,7 +130,7 @@ def _entry_copies(compiled, dtype="pred"):
 def test_step_without_an_update_copies_no_mask(kwargs):
   """A donated step that neither updates nor checks its masks passes them through in place:
   no mask is copied at every call (the former keep / check / check + update ``lax.switch``
-  copied each one: 2.0x an adam step on the half-width GPT-2 tree, 1.43x now)."""
+  copied each one: 2.0x an adam step on the half-width GPT-2 tree, 1.43x after the change)."""
   tx = optax.chain(optax.adam(1e-3), jp.magnitude_pruning(0.9, update_every=NEVER, **kwargs))
   compiled = _compile_step(tx, _params())
   assert " conditional(" in compiled.as_text()
