@@ -9,9 +9,15 @@ SET grows at random; RigL grows where the dense gradient is largest.
 They wrap the optimizer (``inner_tx``, any optax transformation: adam, lion, adafactor, an
 ``inject_hyperparams``-wrapped one...), because RigL needs the raw dense gradient and because
 a grown connection must start from a fresh optimizer state: its entries in every part of the
-inner state shaped like the params (moments, traces, accumulators) are reset to 0, found
-generically with ``optax.tree.map_params``. Grown weights start at 0 and the inner optimizer only
-sees the gradients of active weights.
+inner state shaped like the params (moments, traces, accumulators), found generically with
+``optax.tree.map_params``, are reset to 0 *before* the step's inner update, which sees a zero
+gradient for it (the inner optimizer only sees the gradients of connections active before and
+after the step). So right after growing, a connection's state is what the optimizer makes of a
+zero state and a zero gradient: exactly 0 for adam, SGD momentum, RMSProp, Lion and the like;
+Adafactor's unfactored second moment holds its ``(1 - decay) · eps`` (about 4e-31). Grown weights
+start at exactly 0 whatever the optimizer. (Resetting after the inner update instead would split
+adam's fused update and make XLA copy every moment leaf at every step: RigL without an update
+cost 4.7x a plain adam step on the half-width GPT-2 tree, 2.1x this way; docs/model_scale.md.)
 
 The initial connectivity is random with exactly the target sparsity per leaf (ERK by default).
 The first update zeroes the inactive weights; to start from the sparse point, apply the masks
@@ -151,22 +157,17 @@ def _topology_fn(grow: str, where):
         scores = [jax.random.uniform(jax.random.fold_in(key_t, i), m_leaves[i].shape,
                                      jnp.float32) for i in idx]
       grows = lowest_each([jnp.where(kp, jnp.inf, -sc) for kp, sc in zip(kept, scores)], ks)
-      new, grown = list(m_leaves), [jnp.zeros((), bool)] * len(m_leaves)
+      new = list(m_leaves)
       for i, kp, g in zip(idx, kept, grows):
-        new[i], grown[i] = kp | g, g & ~m_leaves[i]
-      return jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, grown)
-
-    def stay(masks):
-      none = [jnp.zeros(np.shape(m), bool) if c else jnp.zeros((), bool)
-              for m, c in zip(treedef.flatten_up_to(masks), chosen, strict=True)]
-      return masks, jax.tree.unflatten(treedef, none)
+        new[i] = kp | g
+      return jax.tree.unflatten(treedef, new)
 
     def check(masks):
       bad, pruned = _util.nonzero_pruned(masks, params, chosen)
       return _util.check_misplaced(name, chosen_paths, bad, pruned, count)
 
-    return _util.check_or_update(is_update, _util.check_step(count, every, t_end), stay, check,
-                                 move, masks)
+    return _util.check_or_update(is_update, _util.check_step(count, every, t_end),
+                                 lambda m: m, check, move, masks)
   return new_topology
 
 
@@ -203,15 +204,20 @@ def _sparse_training(grow: str, inner_tx, sparsity, update_every, end_step, drop
     f = jnp.asarray(frac(count), jnp.float32)
     f = _checks.check(~_checks.is_fraction(f), lambda v, c: (
         f"drop_fraction {float(v)} at step {int(c)} is outside [0, 1]."), f, count)
-    masks, grown = new_topology(state.masks, model, updates, count, f,
-                                jax.random.fold_in(grow_key, count),
-                                jnp.asarray(update_every, jnp.int32),
-                                jnp.asarray(end_step, jnp.int32))
-    active = jax.tree.map(lambda m, g: m & ~g, masks, grown)
+    masks = new_topology(state.masks, model, updates, count, f,
+                         jax.random.fold_in(grow_key, count),
+                         jnp.asarray(update_every, jnp.int32), jnp.asarray(end_step, jnp.int32))
+    # Elementwise outside the topology's cond, so that XLA fuses them into the optimizer's own
+    # update (a grown tree out of the cond was 1 byte per weight written at every step).
+    grown = jax.tree.map(lambda new, old: new & ~old, masks, state.masks)
+    active = jax.tree.map(lambda new, old: new & old, masks, state.masks)
+    # The grown connections' state is reset before the inner update, which sees a zero gradient
+    # for them: so the optimizer's update fuses as in a plain step (a reset after it made
+    # XLA:CPU copy every moment leaf at every step, see docs/model_scale.md).
+    inner_state = reset_inner_state(inner_tx, state.inner_state, grown)
     grads_in = _util.mask_grads(active, updates, chosen)
     inner_updates, inner_state = optax.with_extra_args_support(inner_tx).update(
-        grads_in, state.inner_state, params, **extra_args)
-    inner_state = reset_inner_state(inner_tx, inner_state, grown)
+        grads_in, inner_state, params, **extra_args)
     out = _util.enforce_params(masks, inner_updates, params, chosen, override=grown)
     return out, SparseTrainingState(optax.safe_increment(count), masks, inner_state)
 
@@ -227,7 +233,8 @@ def rigl(inner_tx: optax.GradientTransformation, *, sparsity: float, update_ever
   ``k = ⌊f(t)·n_active⌋`` active weights of smallest ``|w|`` and grows the ``k`` connections
   with the largest ``|g|`` among those not kept, where ``g`` is the dense gradient this
   transform receives (pruned weights are exactly 0, so the gradient at them is the dense one).
-  Grown weights start at 0 with a reset inner-optimizer state. Sparsity is exact at every step.
+  Grown weights start at 0, and their inner-optimizer state is reset to 0 before the step's
+  inner update (see the module docstring). Sparsity is exact at every step.
 
   Args:
     inner_tx: the optimizer (any optax transformation, learning rate included).

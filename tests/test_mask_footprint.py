@@ -137,6 +137,18 @@ def test_step_without_an_update_copies_no_mask(kwargs):
   assert _entry_copies(compiled) == []
 
 
+@pytest.mark.parametrize("make_tx", [jp.rigl, jp.set_training], ids=["rigl", "set"])
+def test_sparse_training_step_copies_no_optimizer_state(make_tx):
+  """RigL/SET reset the grown connections' inner state before the inner update, so adam's
+  update fuses as in a plain step and no moment is copied at every call (the reset after it
+  made XLA:CPU copy every ``mu`` and ``nu`` leaf: RigL without an update cost 4.7x an adam step
+  on the half-width GPT-2 tree, 2.1x after the change)."""
+  tx = make_tx(optax.adam(1e-3), sparsity=0.9, update_every=NEVER, end_step=NEVER)
+  compiled = _compile_step(tx, _params())
+  assert " conditional(" in compiled.as_text()
+  assert _entry_copies(compiled, "f32") == []
+
+
 def test_the_copy_check_sees_a_switch_that_reads_and_passes_the_masks():
   """The helper finds the copy that a branch reading the masks and passing them through
   costs, and none in the nested conds with a freshly written check-only branch."""

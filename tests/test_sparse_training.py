@@ -151,8 +151,10 @@ def test_reset_inner_state_is_generic(name):
 
 @pytest.mark.parametrize("name", list(INNER))
 def test_rigl_with_any_inner_optimizer(name):
-  """RigL trains exactly sparse with each inner optimizer, and a connection it grows has a
-  zero state in every param-shaped part of the inner state right after growing."""
+  """RigL trains exactly sparse with each inner optimizer, and a connection it grows enters the
+  step's inner update with a zero state and a zero gradient in every param-shaped part of the
+  inner state: right after growing it holds exactly what the optimizer makes of those (0 for
+  every optimizer here but Adafactor, whose second moment becomes (1 - decay) * eps)."""
   inner = INNER[name]()
   params = _params()
   tx = jp.rigl(inner, sparsity=0.75, update_every=2, end_step=20, distribution="uniform")
@@ -162,7 +164,7 @@ def test_rigl_with_any_inner_optimizer(name):
       inner, lambda x: jnp.full_like(x, 0.5), state.inner_state))
   update = jax.jit(tx.update)
   for t in range(5):
-    old = jp.masks_from_state(state)
+    old, before = jp.masks_from_state(state), state.inner_state
     updates, state = update(jax.grad(_loss)(params), state, params)
     params = optax.apply_updates(params, updates)
     masks = jp.masks_from_state(state)
@@ -170,13 +172,22 @@ def test_rigl_with_any_inner_optimizer(name):
       m = np.asarray(masks[k]["kernel"])
       assert (~m).sum() == round(0.75 * m.size)
       assert np.all(np.asarray(params[k]["kernel"])[~m] == 0)
-    if t == 2:  # an update step: the grown connections' state is 0
+    if t == 2:  # an update step
       grown = np.asarray(masks["l1"]["kernel"]) & ~np.asarray(old["l1"]["kernel"])
       assert grown.any()
-      for leaf in _param_like_leaves(inner, state.inner_state):
+      # What the optimizer makes of a zero state and a zero gradient, at this step's count.
+      zero_state = optax.tree.map_params(inner, jnp.zeros_like, before)
+      _, fresh = inner.update(jax.tree.map(jnp.zeros_like, params), zero_state, params)
+      reset_any = False
+      for leaf, ref in zip(_param_like_leaves(inner, state.inner_state),
+                           _param_like_leaves(inner, fresh), strict=True):
         if np.shape(leaf) == (12, 16):
-          assert np.all(np.asarray(leaf)[grown] == 0), name
-          assert np.any(np.asarray(leaf)[~grown] != 0), name
+          np.testing.assert_array_equal(np.asarray(leaf)[grown], np.asarray(ref)[grown])
+          if name != "adafactor":
+            assert np.all(np.asarray(leaf)[grown] == 0), name
+          assert np.any(np.asarray(leaf)[~grown] != np.asarray(ref)[~grown]), name
+          reset_any = True
+      assert reset_any
 
 
 # ----------------------------------------------------------------------------- schedule, input
