@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxprune import _checks, _select, _tree, allocation, stacking
 from jaxprune import structure as structure_lib
+from jaxprune._select import elementwise
 from jaxprune._typing import Masks, Params, PyTree, Scores, Sparsity, Where
 from jaxprune.scores import magnitude_scores
 from jaxprune.tree import Layout
@@ -137,7 +138,7 @@ def _layerwise_keep(paths, leaves, chosen, per_leaf, sts, axes):
     pruned = _select.lowest_each([u.units for u in pending.values()],
                                  [u.k for u in pending.values()])
     for i, p in zip(pending, pruned):
-      keep[i] = _expand_keep(p, leaves[i], st=sts[i])
+      keep[i] = _expand_keep(p, elementwise.template(leaves[i]), st=sts[i])
   return keep
 
 
@@ -287,6 +288,11 @@ def topk_mask(scores: Scores, sparsity: Sparsity, *,
     if c:
       sts[i] = structure_lib.for_leaf(st, leaf_layout(p, x))
       sts[i].validate(p, stacking.slice_shape(x.shape, a))
+  # Elementwise scores (a pruning transform's own |w|) stay lazy only where the selection
+  # computes them itself: whole-leaf (unstructured, unstacked) layerwise selections.
+  leaves = [x if scope == "layerwise" and c and a is None
+            and isinstance(sts[i], structure_lib.Unstructured) else elementwise.value(x)
+            for i, (x, c, a) in enumerate(zip(leaves, chosen, axes))]
   if scope == "global":
     if not allocation.is_scalar(sparsity):
       raise ValueError("scope='global' needs one sparsity (a number or 0-d array), got "

@@ -67,10 +67,11 @@ from jax import lax
 
 from jaxprune import _state, _tree, stacking
 from jaxprune import _transform_utils as _util
+from jaxprune._select import elementwise
 from jaxprune._typing import KeyLike, Masks, Params, Where
 from jaxprune.masks import LayoutLike, topk_mask
 from jaxprune.scores import magnitude_scores, movement_scores, random_scores, saliency_scores
-from jaxprune.structure import Blocks, Channels, Structure
+from jaxprune.structure import Blocks, Channels, Structure, Unstructured
 
 __all__ = [
     "PruningState", "pruning", "magnitude_pruning", "random_pruning", "saliency_pruning",
@@ -108,6 +109,23 @@ def _nan_pruned(scores, masks, chosen, structure=None):
       live_nan = jnp.zeros((), s.dtype) if units else jnp.full((), -jnp.inf, s.dtype)
       s = jnp.where(m, jnp.where(jnp.isnan(s), live_nan, s), jnp.full((), jnp.nan, s.dtype))
     out.append(s)
+  return jax.tree.unflatten(treedef, out)
+
+
+def _magnitude_unless_pruned(m, p):
+  """``_nan_pruned``'s scores of magnitude pruning, elementwise (for unstructured masks)."""
+  s = jnp.abs(p)
+  return jnp.where(m, jnp.where(jnp.isnan(s), jnp.full((), -jnp.inf, s.dtype), s),
+                   jnp.full((), jnp.nan, s.dtype))
+
+
+def _lazy_magnitude_scores(masks, params, chosen):
+  """:func:`_nan_pruned` of the magnitude scores, as scores the selection computes where it
+  uses them (``_select.elementwise``): no tree of them exists in the step."""
+  treedef = jax.tree.structure(params)
+  out = [elementwise.Elementwise(_magnitude_unless_pruned, m, p) if c else p
+         for m, p, c in zip(treedef.flatten_up_to(masks), jax.tree.leaves(params), chosen,
+                            strict=True)]
   return jax.tree.unflatten(treedef, out)
 
 
@@ -157,9 +175,13 @@ def _masks_fn(score_fn, structure, scope, distribution, where, accumulate, strai
       acc = _accumulate(acc, step_scores(), chosen)
 
     def recompute(masks):
-      scores = _score_with(acc, params, chosen) if accumulate else step_scores()
-      if not straight_through:
-        scores = _nan_pruned(scores, masks, chosen, structure)
+      if (score_fn is _magnitude and not (accumulate or straight_through)
+          and (structure is None or isinstance(structure, Unstructured))):
+        scores = _lazy_magnitude_scores(masks, params, chosen)
+      else:
+        scores = _score_with(acc, params, chosen) if accumulate else step_scores()
+        if not straight_through:
+          scores = _nan_pruned(scores, masks, chosen, structure)
       alloc = _util.allocate(params, s, distribution, where_p, stacked)
       new = topk_mask(scores, alloc, structure=structure, scope=scope, where=where_p,
                       stacked=stacked, layout=layout)

@@ -118,6 +118,19 @@ def test_leaves_of_one_shape_share_one_selection_holding_one_leaf_copy():
   assert _int_arrays_of_leaf_size(compiled, math.prod(shape)) == []
 
 
+@pytest.mark.parametrize("n_leaves", [4, 8])
+def test_magnitude_step_holds_no_tree_of_scores(n_leaves):
+  """A magnitude step that updates its masks computes ``|w|`` (NaN where already pruned)
+  inside the shared selection, one leaf at a time (``_select.elementwise``), so its
+  temporaries do not grow with the number of leaves: about 2 leaves' worth, where the scores
+  computed as a tree before the selection held all of them (9.0 leaves for 8 leaves)."""
+  shape = (256, 256)
+  leaf_bytes = 4 * math.prod(shape)
+  tx = optax.chain(optax.adam(1e-3), jp.magnitude_pruning(0.9, update_every=1))
+  compiled = _compile_step(tx, _params((shape,) * n_leaves))
+  assert compiled.memory_analysis().temp_size_in_bytes <= 2.5 * leaf_bytes
+
+
 def _entry_copies(compiled, dtype="pred"):
   """Shapes of the ``dtype`` copies in the entry computation: copies that run at every call."""
   text = compiled.as_text()
@@ -232,3 +245,29 @@ def test_lowest_k_ties_match_reference():
   for k in (0, 1, 100, 300, s.size):
     got = np.asarray(jax.jit(jp.lowest_k)(s, k)).reshape(-1)
     np.testing.assert_array_equal(got, _reference_pruned(np.asarray(s).reshape(-1), k))
+
+
+def _shifted_unless_masked(m, x):
+  return jnp.where(m, x - 1.0, jnp.nan)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_elementwise_scores_select_exactly_what_their_values_select(jit):
+  """``lowest_each`` given scores as ``Elementwise(fn, *operands)`` (computed inside the shared
+  selection and the final passes) marks exactly what it marks given ``fn(*operands)``: leaves
+  of one shape sharing a program, one alone of its shape, a 1-D leaf, many ties and NaNs."""
+  from jaxprune._select import lowest_each
+  from jaxprune._select.elementwise import Elementwise
+  shapes = [(7, 9), (7, 9), (7, 9), (3, 5, 11), (300,)]
+  xs = [_tied(s, seed=i) for i, s in enumerate(shapes)]
+  ms = [jnp.asarray(np.random.default_rng(10 + i).random(s) < 0.8) for i, s in enumerate(shapes)]
+  ks = [0, 17, 63, 80, 151]
+
+  def lazy(xs, ms):
+    return lowest_each([Elementwise(_shifted_unless_masked, m, x) for m, x in zip(ms, xs)], ks)
+
+  run = jax.jit(lazy) if jit else lazy
+  got = run(xs, ms)
+  for x, m, k, g in zip(xs, ms, ks, got, strict=True):
+    values = np.asarray(_shifted_unless_masked(m, x)).reshape(-1)
+    np.testing.assert_array_equal(np.asarray(g).reshape(-1), _reference_pruned(values, k))

@@ -9,8 +9,8 @@ import numpy as np
 from jax import lax
 
 from jaxprune._select import counts as counts_lib
+from jaxprune._select import elementwise, radix, sharded, ties
 from jaxprune._select import keys as keys_lib
-from jaxprune._select import radix, sharded, ties
 
 
 def _exclusive_cumsum(x):
@@ -86,7 +86,7 @@ def lowest(arrays: list[jax.Array], k, group_axes=None) -> list[jax.Array]:
   return lax.cond(jnp.all(ties_to_take == n_at), take_all_ties, take_ties_by_index, arrays)
 
 
-def lowest_each(arrays: list[jax.Array], ks: list) -> list[jax.Array]:
+def lowest_each(arrays: list, ks: list) -> list[jax.Array]:
   """``[lowest([a], k)[0] for a, k in zip(arrays, ks)]``: the ``k_j`` lowest of each array on
   its own (layerwise scope), with the same guarantees, compiled once per type of array.
 
@@ -98,6 +98,9 @@ def lowest_each(arrays: list[jax.Array], ks: list) -> list[jax.Array]:
   arrays (GPT-2's 50 prunable leaves have 6 shapes); per-array selections made every array's
   radix loop and tie-break a program of its own. An array alone of its type, and arrays sharded
   over ``Explicit`` mesh axes (whose counts run in a ``shard_map``), take :func:`lowest`.
+  An array may be :class:`elementwise.Elementwise` scores: the switch branch then computes
+  the scores of array ``j`` from its operands, and so does its final pass, so no score tree
+  exists (its type is that of its operands and function).
   Not jitted itself: called eagerly, each part hits the cache of its own jitted program
   (:func:`lowest` per array shape, the shared one per type and number of arrays), so a new
   tree compiles only the shapes it adds.
@@ -105,27 +108,35 @@ def lowest_each(arrays: list[jax.Array], ks: list) -> list[jax.Array]:
   out = [None] * len(arrays)
   classes: dict = {}
   for j, a in enumerate(arrays):
-    if a.ndim == 0 or sharded.mesh_axes([a]) is not None:
-      out[j] = lowest([a], ks[j])[0]
+    operands, fn = elementwise.operands_and_fn(a)
+    if a.ndim == 0 or sharded.mesh_axes(list(operands)) is not None:
+      out[j] = lowest([elementwise.value(a)], ks[j])[0]
     else:
-      classes.setdefault(jax.typeof(a), []).append(j)
-  for js in classes.values():
+      classes.setdefault((fn, tuple(jax.typeof(o) for o in operands)), []).append(j)
+  for (fn, _), js in classes.items():
     if len(js) == 1:
-      out[js[0]] = lowest([arrays[js[0]]], ks[js[0]])[0]
+      out[js[0]] = lowest([elementwise.value(arrays[js[0]])], ks[js[0]])[0]
       continue
-    for j, m in zip(js, _lowest_of_one_type([arrays[j] for j in js], [ks[j] for j in js])):
+    operands = [elementwise.operands_and_fn(arrays[j])[0] for j in js]
+    for j, m in zip(js, _lowest_of_one_type(operands, [ks[j] for j in js], fn)):
       out[j] = m
   return out
 
 
-@jax.jit
-def _lowest_of_one_type(arrays, ks):
-  ftype, bits = keys_lib.compare_dtype(arrays)
-  shape = arrays[0].shape
+def _identity(a):
+  return a
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _lowest_of_one_type(operands, ks, fn):
+  score = fn or _identity
+  ftype, bits = keys_lib.compare_dtype([jax.eval_shape(score, *operands[0])])
+  shape = operands[0][0].shape
   k = jnp.stack([jnp.asarray(x, jnp.int32) for x in ks])
 
   def select(j):
-    a = keys_lib.exact_cast(lax.switch(j, [lambda a=a: a for a in arrays]), ftype)
+    # The branch computes the scores (one array's), so only they are copied.
+    a = keys_lib.exact_cast(lax.switch(j, [lambda o=o: score(*o) for o in operands]), ftype)
     thresh, per_leaf = radix.threshold([a], k[j], None, counts_lib.add_counts)
     take = k[j] - per_leaf[0][0]           # the ties to take, in [0, n_at]
     split = (take > 0) & (take < per_leaf[0][1])
@@ -134,21 +145,21 @@ def _lowest_of_one_type(arrays, ks):
                      lambda: [jnp.zeros((), jnp.int32)] * len(shape))
     return thresh, take, split, jnp.stack(index)
 
-  thresh, take, split, index = lax.map(select, jnp.arange(len(arrays)))
+  thresh, take, split, index = lax.map(select, jnp.arange(len(operands)))
   # Scalars made by one fused reduction each (see _unstack), so that the final passes of
   # arrays of one shape compile to equal kernels.
   thresh, take, split = _unstack(thresh), _unstack(take), _unstack(split.astype(jnp.int32))
   index = [_unstack(index[:, d]) for d in range(len(shape))]
-  return [_mark(a, thresh[j], take[j], split[j], [index[d][j] for d in range(len(shape))],
-                ftype=ftype, bits=bits) for j, a in enumerate(arrays)]
+  return [_mark(o, thresh[j], take[j], split[j], [index[d][j] for d in range(len(shape))],
+                fn=fn, ftype=ftype, bits=bits) for j, o in enumerate(operands)]
 
 
-@functools.partial(jax.jit, static_argnames=("ftype", "bits"))
-def _mark(a, thresh, take, split, index, *, ftype, bits):
-  """The final pass of :func:`lowest_each` over one array: below the threshold, or a tie taken
-  (all of them, or those up to ``index`` when the ties are split). Jitted, so that it is traced
-  once per type of array."""
-  a = keys_lib.exact_cast(a, ftype)
+@functools.partial(jax.jit, static_argnames=("fn", "ftype", "bits"))
+def _mark(operands, thresh, take, split, index, *, fn, ftype, bits):
+  """The final pass of :func:`lowest_each` over one array (its scores ``fn(*operands)``, or
+  the one operand): below the threshold, or a tie taken (all of them, or those up to
+  ``index`` when the ties are split). Jitted, so that it is traced once per type of array."""
+  a = keys_lib.exact_cast((fn or _identity)(*operands), ftype)
   below_of, at_of = keys_lib.below_and_at(thresh, ftype, bits)
   up_to = ties.up_to_index(a.shape, index)
   return below_of(a) | (at_of(a) & jnp.where(split > 0, up_to, take > 0))
