@@ -211,7 +211,7 @@ def _global_keep(paths, leaves, chosen, s, sts, axes=None):
       sl = stacking.slice_shape(leaves[i].shape, axes[i])
       keep[i] = _select.shaped_like(_stacked_expand(~p, sts[i], sl, axes[i]), leaves[i])
     else:
-      keep[i] = _expand_keep(p, leaves[i], st=sts[i])
+      keep[i] = _expand_keep(p, elementwise.template(leaves[i]), st=sts[i])
   return keep
 
 
@@ -289,10 +289,9 @@ def topk_mask(scores: Scores, sparsity: Sparsity, *,
       sts[i] = structure_lib.for_leaf(st, leaf_layout(p, x))
       sts[i].validate(p, stacking.slice_shape(x.shape, a))
   # Elementwise scores (a pruning transform's own |w|) stay lazy only where the selection
-  # computes them itself: whole-leaf (unstructured, unstacked) layerwise selections.
-  leaves = [x if scope == "layerwise" and c and a is None
-            and isinstance(sts[i], structure_lib.Unstructured) else elementwise.value(x)
-            for i, (x, c, a) in enumerate(zip(leaves, chosen, axes))]
+  # computes them itself: unstructured selections of whole (unstacked) leaves.
+  leaves = [x if c and a is None and isinstance(sts[i], structure_lib.Unstructured)
+            else elementwise.value(x) for i, (x, c, a) in enumerate(zip(leaves, chosen, axes))]
   if scope == "global":
     if not allocation.is_scalar(sparsity):
       raise ValueError("scope='global' needs one sparsity (a number or 0-d array), got "

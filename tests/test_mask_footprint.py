@@ -271,3 +271,21 @@ def test_elementwise_scores_select_exactly_what_their_values_select(jit):
   for x, m, k, g in zip(xs, ms, ks, got, strict=True):
     values = np.asarray(_shifted_unless_masked(m, x)).reshape(-1)
     np.testing.assert_array_equal(np.asarray(g).reshape(-1), _reference_pruned(values, k))
+
+
+@pytest.mark.parametrize("k", [0, 40, 97, 200, 316])
+def test_elementwise_scores_select_exactly_in_global_scope(k):
+  """``lowest`` (one threshold over all arrays) given ``Elementwise`` scores marks exactly
+  what it marks given their values: every pass, the tie-break included (whole leaves of one
+  shape sharing it, a 1-D leaf with its own), computes them from the operands."""
+  from jaxprune._select import lowest
+  from jaxprune._select.elementwise import Elementwise
+  shapes = [(7, 9), (7, 9), (5, 11), (60,)]
+  xs = [_tied(s, seed=20 + i) for i, s in enumerate(shapes)]
+  ms = [jnp.asarray(np.random.default_rng(30 + i).random(s) < 0.7) for i, s in enumerate(shapes)]
+  got = jax.jit(lambda xs, ms: lowest(
+      [Elementwise(_shifted_unless_masked, m, x) for m, x in zip(ms, xs)], k))(xs, ms)
+  flat = np.concatenate([np.asarray(_shifted_unless_masked(m, x)).reshape(-1)
+                         for m, x in zip(ms, xs)])
+  np.testing.assert_array_equal(np.concatenate([np.asarray(g).reshape(-1) for g in got]),
+                                _reference_pruned(flat, k))

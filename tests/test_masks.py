@@ -389,6 +389,6 @@ def test_eager_masks_compile_one_program_per_leaf_not_per_op(caplog):
   assert names == ["jit(_n_of_m_keep)"] * 2
   assert [_pruned(masks[k]) for k in "ab"] == [28 * 12 // 2, 12 * 52 // 2]
   masks, names = compiled()
-  assert names == ["jit(_expand_keep)"] * 2 + ["jit(lowest)"] * 2
+  assert names == ["jit(_expand_keep)"] * 2 + ["jit(_lowest)"] * 2
   assert [_pruned(masks[k]) for k in "ab"] == [28 * 12 // 2, 12 * 52 // 2]
   assert compiled()[1] == []   # and the second call compiles nothing

@@ -30,29 +30,45 @@ def _unstack(v: jax.Array) -> list[jax.Array]:
                          lambda u, w: tuple(x + y for x, y in zip(u, w)), (0,)))
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def lowest(arrays: list[jax.Array], k, group_axes=None) -> list[jax.Array]:
+def lowest(arrays: list, k, group_axes=None) -> list[jax.Array]:
   """Bool arrays marking exactly the ``k`` lowest scores (overall, or per group along
   ``group_axes`` of a single array). NaN is lowest; ties go by leaf order, then row-major index.
+  An array may be :class:`elementwise.Elementwise` scores: every pass computes them from their
+  operands (unsharded), so no array of them exists.
   """
+  operands, fns = zip(*map(elementwise.operands_and_fn, arrays))
+  return _lowest(list(operands), k, group_axes, fns)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _lowest(operands, k, group_axes, fns):
+  arrays = [elementwise.Elementwise(f, *o) if f else o[0] for o, f in zip(operands, fns)]
   ftype, bits = keys_lib.compare_dtype(arrays)
-  arrays = [keys_lib.exact_cast(a, ftype) for a in arrays]
+  arrays = [elementwise.then(functools.partial(keys_lib.exact_cast, ftype=ftype), a)
+            for a in arrays]
   k = jnp.asarray(k, jnp.int32)
-  on_mesh = sharded.mesh_axes(arrays) if group_axes is None else None
+  on_mesh = (sharded.mesh_axes([elementwise.template(a) for a in arrays])
+             if group_axes is None else None)
   if on_mesh is None:
     thresh, per_leaf = radix.threshold(arrays, k, group_axes, counts_lib.add_counts)
   else:
+    arrays = [elementwise.value(a) for a in arrays]
     thresh, per_leaf = sharded.threshold_sharded(arrays, k, *on_mesh)
+  # The tie passes take the operands (a cond's operands are buffers) and compute the scores.
+  parts = [elementwise.operands_and_fn(a) for a in arrays]
+  rebuild = lambda j, o: elementwise.Elementwise(parts[j][1], *o) if parts[j][1] else o[0]
   below_of, at_of = keys_lib.below_and_at(thresh, ftype, bits)
   counts = functools.reduce(jnp.add, per_leaf)
   n_below, n_at = counts[..., 0], counts[..., 1]
   ties_to_take = k - n_below  # in [0, n_at]
 
   # Both branches recompute from the scores, so no array-sized intermediate outlives a pass.
-  def take_all_ties(arrays):
-    return [below_of(a) | at_of(a) for a in arrays]
+  def take_all_ties(ops):
+    return [below_of(a) | at_of(a)
+            for a in (elementwise.value(rebuild(j, o)) for j, o in enumerate(ops))]
 
-  def take_ties_by_index(arrays):
+  def take_ties_by_index(ops):
+    arrays = [rebuild(j, o) for j, o in enumerate(ops)]
     # Ties go in leaf order: each leaf takes what its predecessors' ties leave, and only a leaf
     # whose ties that splits needs an index order. There is at most one such leaf in global
     # scope, so whole leaves (ndim >= 2) of one type share one tie-break
@@ -66,24 +82,32 @@ def lowest(arrays: list[jax.Array], k, group_axes=None) -> list[jax.Array]:
     out, shared = [None] * len(arrays), {}
     for j, (a, take, n_here) in enumerate(zip(arrays, takes, n_at_of)):
       if group_axes is None and a.ndim >= 2:
-        shared.setdefault(jax.typeof(a), []).append(j)
+        shared.setdefault(elementwise.type_of(a), []).append(j)
         continue
       split = jnp.any((take > 0) & (take < n_here))
       rank_axes = tuple(range(a.ndim)) if group_axes is None else tuple(group_axes)
-      by_index = lambda a, take, rank_axes=rank_axes: below_of(a) | (
-          (take > 0) & ties.first_ties(a, at_of, jnp.maximum(take, 1), rank_axes))
-      whole = lambda a, take: below_of(a) | (at_of(a) & (take > 0))
-      out[j] = lax.cond(split, by_index, whole, a, take)
+
+      def by_index(o, take, j=j, rank_axes=rank_axes):
+        scores = elementwise.value(rebuild(j, o))
+        return below_of(scores) | ((take > 0) & ties.first_ties(
+            scores, at_of, jnp.maximum(take, 1), rank_axes))
+
+      def whole(o, take, j=j):
+        scores = elementwise.value(rebuild(j, o))
+        return below_of(scores) | (at_of(scores) & (take > 0))
+
+      out[j] = lax.cond(split, by_index, whole, ops[j], take)
     for js in shared.values():
       split = [(takes[j] > 0) & (takes[j] < n_at_of[j]) for j in js]
       # A lone array (layerwise) is in this branch because its ties are split (or k is 0).
       tied = ties.first_ties_shared([arrays[j] for j in js], at_of, split, [takes[j] for j in js],
                                     gate=len(arrays) > 1)
       for j, t in zip(js, tied):
-        out[j] = below_of(arrays[j]) | t
+        out[j] = below_of(elementwise.value(arrays[j])) | t
     return out
 
-  return lax.cond(jnp.all(ties_to_take == n_at), take_all_ties, take_ties_by_index, arrays)
+  return lax.cond(jnp.all(ties_to_take == n_at), take_all_ties, take_ties_by_index,
+                  [o for o, _ in parts])
 
 
 def lowest_each(arrays: list, ks: list) -> list[jax.Array]:
@@ -112,10 +136,11 @@ def lowest_each(arrays: list, ks: list) -> list[jax.Array]:
     if a.ndim == 0 or sharded.mesh_axes(list(operands)) is not None:
       out[j] = lowest([elementwise.value(a)], ks[j])[0]
     else:
-      classes.setdefault((fn, tuple(jax.typeof(o) for o in operands)), []).append(j)
-  for (fn, _), js in classes.items():
+      classes.setdefault(elementwise.type_of(a), []).append(j)
+  for js in classes.values():
+    fn = elementwise.operands_and_fn(arrays[js[0]])[1]
     if len(js) == 1:
-      out[js[0]] = lowest([elementwise.value(arrays[js[0]])], ks[js[0]])[0]
+      out[js[0]] = lowest([arrays[js[0]]], ks[js[0]])[0]
       continue
     operands = [elementwise.operands_and_fn(arrays[j])[0] for j in js]
     for j, m in zip(js, _lowest_of_one_type(operands, [ks[j] for j in js], fn)):

@@ -6,6 +6,7 @@ import numpy as np
 from jax import lax
 
 from jaxprune._select import counts as counts_lib
+from jaxprune._select import elementwise
 from jaxprune._select import keys as keys_lib
 
 RADIX_BITS = 2
@@ -56,13 +57,14 @@ def threshold(arrays, k, group_axes, combine):
   def count_below(cands):
     # The keys of each array are traced once and compared with all the candidates (tracing
     # them per candidate made XLA's CSE merge the copies per array and pass: slower to lower).
-    keys = [keys_lib.signed_keys(a, ftype, bits) for a in counts_lib.opaque(arrays, cands[0])]
+    keys = [keys_lib.signed_keys(a, ftype, bits) for a in elementwise.opaque(arrays, cands[0])]
     return combine(counts_lib.count_many(
         keys, [lambda key, c=c: key < c for c in (keys_lib.as_signed(c, bits) for c in cands)],
         group_axes, per_array=True))
 
   thresh = radix_select(count_below, jnp.maximum(k, 1), bits, udt, gshape)
   below_of, at_of = keys_lib.below_and_at(thresh, ftype, bits)
-  per_leaf = combine(counts_lib.count_many(arrays, [below_of, at_of], group_axes,
-                                           per_array=True), per_array=True)
+  per_leaf = combine(counts_lib.count_many([elementwise.value(a) for a in arrays],
+                                           [below_of, at_of], group_axes, per_array=True),
+                     per_array=True)
   return thresh, per_leaf

@@ -11,7 +11,7 @@ import numpy as np
 from jax import lax
 
 from jaxprune._select import counts as counts_lib
-from jaxprune._select import radix
+from jaxprune._select import elementwise, radix
 from jaxprune._select.sharded import cumsum_explicit_safe
 
 
@@ -106,7 +106,8 @@ def first_ties_shared(leaves, at_of, split, take, gate=True) -> list[jax.Array]:
     left = jnp.sum(jnp.where(jnp.stack(split), jnp.stack(take), 0), dtype=jnp.int32)
     # The minimum of the two counts is taken after the switch, in one kernel for all leaves.
     count = lambda fixed, others: lax.switch(
-        sel, [lambda a=a: _tie_counts(a, at_of, fixed, others) for a in leaves])
+        sel, [lambda a=a: _tie_counts(elementwise.value(a), at_of, fixed, others)
+              for a in leaves])
     return _last_tie_index(shape, count, left)
 
   if gate:
@@ -115,7 +116,8 @@ def first_ties_shared(leaves, at_of, split, take, gate=True) -> list[jax.Array]:
   else:
     index = last_tie()   # with no leaf split, the index found is unused
   up_to = up_to_index(shape, index)
-  return [at_of(a) & jnp.where(s, up_to, t > 0) for a, s, t in zip(leaves, split, take)]
+  return [at_of(elementwise.value(a)) & jnp.where(s, up_to, t > 0)
+          for a, s, t in zip(leaves, split, take)]
 
 
 def last_tie(a: jax.Array, at_of, take) -> list[jax.Array]:
