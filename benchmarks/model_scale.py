@@ -285,11 +285,14 @@ def part_run(width, layers, repeats):
                  "masks_equal_argsort": equal if n == "jaxprune global" else None})
   del fns
   grads = jax.tree.map(lambda x: 1e-3 * jnp.sign(x), params)
-  runners = {}
+  largest_leaf = max(x.nbytes for x in jax.tree.leaves(params))
+  runners, temps = {}, {}
   for name, tx in step_transforms().items():
     # params and state donated, as a training loop does (each variant has its own copy)
-    step = jax.jit(_step(tx), donate_argnums=(0, 1))
     holder = {"p": jax.tree.map(jnp.copy, params), "s": tx.init(params)}
+    step = jax.jit(_step(tx), donate_argnums=(0, 1)).lower(
+        holder["p"], holder["s"], grads).compile()
+    temps[name] = step.memory_analysis().temp_size_in_bytes
 
     def call(step=step, holder=holder):
       holder["p"], holder["s"] = step(holder["p"], holder["s"], grads)
@@ -300,7 +303,8 @@ def part_run(width, layers, repeats):
   t = common.interleaved(runners, repeats=repeats)
   for n in runners:
     rows.append({"part": "step", "tree": "gpt2", "width": width, **stats, "variant": n,
-                 **t[n].as_dict(), "vs_plain": common.ratio(t, n, "plain")})
+                 **t[n].as_dict(), "vs_plain": common.ratio(t, n, "plain"),
+                 "temp_bytes": temps[n], "temp_vs_largest_leaf": temps[n] / largest_leaf})
   return rows
 
 
@@ -373,7 +377,9 @@ def _run_tables(rows, width):
   steps = common.markdown_table(
       [r for r in rows if r["part"] == "step"],
       [("variant", "step", str), ("median_s", "median", common.fmt_seconds),
-       ("vs_plain", "vs plain", common.fmt_ratio)])
+       ("vs_plain", "vs plain", common.fmt_ratio),
+       ("temp_bytes", "compiled temp", lambda b: f"{b / 1e6:.1f} MB"),
+       ("temp_vs_largest_leaf", "temp / largest leaf", lambda r: f"{r:.2f}")])
   return [f"Masks (GPT-2 tree, width {width}):\n\n{masks}",
           f"Training steps (adam on given gradients, GPT-2 tree):\n\n{steps}"]
 
