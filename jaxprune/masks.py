@@ -290,8 +290,9 @@ def topk_mask(scores: Scores, sparsity: Sparsity, *,
       sts[i].validate(p, stacking.slice_shape(x.shape, a))
   # Elementwise scores (a pruning transform's own |w|) stay lazy only where the selection
   # computes them itself: unstructured selections of whole (unstacked) leaves.
-  leaves = [x if c and a is None and isinstance(sts[i], structure_lib.Unstructured)
-            else elementwise.value(x) for i, (x, c, a) in enumerate(zip(leaves, chosen, axes))]
+  leaves = [x if scope == "layerwise" and c and a is None
+            and isinstance(sts[i], structure_lib.Unstructured) else elementwise.value(x)
+            for i, (x, c, a) in enumerate(zip(leaves, chosen, axes))]
   if scope == "global":
     if not allocation.is_scalar(sparsity):
       raise ValueError("scope='global' needs one sparsity (a number or 0-d array), got "

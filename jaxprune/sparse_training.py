@@ -36,7 +36,6 @@ import optax
 from jaxprune import _checks, _tree, allocation
 from jaxprune import _transform_utils as _util
 from jaxprune._select import lowest_each
-from jaxprune._select.elementwise import Elementwise
 from jaxprune._typing import KeyLike, PyTree, Where
 from jaxprune.allocation import erk_sparsities
 from jaxprune.masks import topk_mask
@@ -123,16 +122,6 @@ def _check(sparsity, update_every, end_step, drop_fraction, distribution):
     raise ValueError(f"distribution must be 'erk' or 'uniform', got {distribution!r}.")
 
 
-def _magnitude_if_active(m, p):
-  """Drop scores: ``|w|`` of active weights (inactive ones never qualify)."""
-  return jnp.where(m, jnp.abs(p).astype(jnp.float32), jnp.inf)
-
-
-def _minus_magnitude_unless_kept(kept, g):
-  """RigL's grow scores: ``-|g|`` of the connections not kept (the lowest are grown)."""
-  return jnp.where(kept, jnp.inf, -jnp.abs(g).astype(jnp.float32))
-
-
 @functools.lru_cache(maxsize=128)
 def _topology_fn(grow: str, where):
   """The jitted connectivity update of SET/RigL for one static configuration (cached, so that
@@ -157,21 +146,17 @@ def _topology_fn(grow: str, where):
                       ).astype(jnp.int32) for i in idx]
       # Drop: the k active weights of smallest magnitude (inactive ones never qualify). All
       # leaves' selections at once: leaves of one shape share one compiled selection.
-      # (The scores are elementwise: the selection computes them where it uses them, so no
-      # tree of them exists in the step.)
-      dropped = lowest_each([Elementwise(_magnitude_if_active, m_leaves[i], p_leaves[i])
-                             for i in idx], ks)
+      dropped = lowest_each([jnp.where(m_leaves[i], jnp.abs(p_leaves[i]).astype(jnp.float32),
+                                       jnp.inf) for i in idx], ks)
       kept = [m_leaves[i] & ~d for i, d in zip(idx, dropped)]
       # Grow: the k best among all connections not kept (the just-dropped included, as in
       # RigL's Algorithm 1; one that is dropped and grown again keeps its weight and state).
       if grow == "gradient":
-        scores = [Elementwise(_minus_magnitude_unless_kept, kp, g_leaves[i])
-                  for i, kp in zip(idx, kept)]
+        scores = [jnp.abs(g_leaves[i]).astype(jnp.float32) for i in idx]
       else:
-        scores = [jnp.where(kp, jnp.inf, -jax.random.uniform(
-            jax.random.fold_in(key_t, i), m_leaves[i].shape, jnp.float32))
-                  for i, kp in zip(idx, kept)]
-      grows = lowest_each(scores, ks)
+        scores = [jax.random.uniform(jax.random.fold_in(key_t, i), m_leaves[i].shape,
+                                     jnp.float32) for i in idx]
+      grows = lowest_each([jnp.where(kp, jnp.inf, -sc) for kp, sc in zip(kept, scores)], ks)
       new = list(m_leaves)
       for i, kp, g in zip(idx, kept, grows):
         new[i] = kp | g
