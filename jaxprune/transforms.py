@@ -103,20 +103,20 @@ def _nan_pruned(scores, masks, chosen, structure=None):
   units = isinstance(structure, (Channels, Blocks))
   treedef = jax.tree.structure(scores)
   m_leaves = treedef.flatten_up_to(masks)
-  out = []
-  for m, s, c in zip(m_leaves, jax.tree.leaves(scores), chosen, strict=True):
-    if c:
-      live_nan = jnp.zeros((), s.dtype) if units else jnp.full((), -jnp.inf, s.dtype)
-      s = jnp.where(m, jnp.where(jnp.isnan(s), live_nan, s), jnp.full((), jnp.nan, s.dtype))
-    out.append(s)
+  out = [_nan_unless_kept(m, s, units) if c else s
+         for m, s, c in zip(m_leaves, jax.tree.leaves(scores), chosen, strict=True)]
   return jax.tree.unflatten(treedef, out)
+
+
+def _nan_unless_kept(m, s, units=False):
+  """One leaf of :func:`_nan_pruned`."""
+  live_nan = jnp.zeros((), s.dtype) if units else jnp.full((), -jnp.inf, s.dtype)
+  return jnp.where(m, jnp.where(jnp.isnan(s), live_nan, s), jnp.full((), jnp.nan, s.dtype))
 
 
 def _magnitude_unless_pruned(m, p):
   """``_nan_pruned``'s scores of magnitude pruning, elementwise (for unstructured masks)."""
-  s = jnp.abs(p)
-  return jnp.where(m, jnp.where(jnp.isnan(s), jnp.full((), -jnp.inf, s.dtype), s),
-                   jnp.full((), jnp.nan, s.dtype))
+  return _nan_unless_kept(m, jnp.abs(p))
 
 
 def _lazy_magnitude_scores(masks, params, chosen):

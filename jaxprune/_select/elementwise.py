@@ -65,7 +65,7 @@ def opaque(arrays, token) -> list[jax.Array]:
   each pass of a loop, not hoisted out of it and materialized)."""
   parts = [operands_and_fn(a) for a in arrays]
   barred = counts.opaque([o for o, _ in parts], token)
-  return [f(*o) if f else o[0] for o, (_, f) in zip(barred, parts)]
+  return [value(from_parts(o, f)) for o, (_, f) in zip(barred, parts)]
 
 
 def value(scores):
@@ -78,6 +78,11 @@ def operands_and_fn(scores) -> tuple[tuple[jax.Array, ...], Callable | None]:
   if isinstance(scores, Elementwise):
     return scores.operands, scores.fn
   return (scores,), None
+
+
+def from_parts(operands, fn):
+  """The inverse of :func:`operands_and_fn`."""
+  return Elementwise(fn, *operands) if fn else operands[0]
 
 
 def type_of(scores):

@@ -42,7 +42,7 @@ def lowest(arrays: list, k, group_axes=None) -> list[jax.Array]:
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _lowest(operands, k, group_axes, fns):
-  arrays = [elementwise.Elementwise(f, *o) if f else o[0] for o, f in zip(operands, fns)]
+  arrays = [elementwise.from_parts(o, f) for o, f in zip(operands, fns)]
   ftype, bits = keys_lib.compare_dtype(arrays)
   arrays = [elementwise.then(functools.partial(keys_lib.exact_cast, ftype=ftype), a)
             for a in arrays]
@@ -56,7 +56,7 @@ def _lowest(operands, k, group_axes, fns):
     thresh, per_leaf = sharded.threshold_sharded(arrays, k, *on_mesh)
   # The tie passes take the operands (a cond's operands are buffers) and compute the scores.
   parts = [elementwise.operands_and_fn(a) for a in arrays]
-  rebuild = lambda j, o: elementwise.Elementwise(parts[j][1], *o) if parts[j][1] else o[0]
+  rebuild = lambda j, o: elementwise.from_parts(o, parts[j][1])
   below_of, at_of = keys_lib.below_and_at(thresh, ftype, bits)
   counts = functools.reduce(jnp.add, per_leaf)
   n_below, n_at = counts[..., 0], counts[..., 1]
@@ -132,7 +132,7 @@ def lowest_each(arrays: list, ks: list) -> list[jax.Array]:
   out = [None] * len(arrays)
   classes: dict = {}
   for j, a in enumerate(arrays):
-    operands, fn = elementwise.operands_and_fn(a)
+    operands = elementwise.operands_and_fn(a)[0]
     if a.ndim == 0 or sharded.mesh_axes(list(operands)) is not None:
       out[j] = lowest([elementwise.value(a)], ks[j])[0]
     else:
